@@ -1,0 +1,90 @@
+"""Lifecycle: build the store, mappings, listener, forwarder and targets; run; shut down within a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from adapter import __version__
+from adapter.config import Settings
+from adapter.forwarder import Forwarder, RetryPolicy
+from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
+from adapter.mapping.loader import load_mappings
+from adapter.mllp.server import MllpServer
+from adapter.store.sqlite import SqliteStore
+from adapter.targets import DirectoryTarget, FhirTarget, Target
+
+log = structlog.get_logger("homeward.app")
+
+
+def build_targets(settings: Settings) -> dict[str, Target]:
+    """The delivery targets: the FHIR server when fhir.base_url is set, else the directory drop."""
+    target: Target
+    if settings.fhir.base_url:
+        target = FhirTarget(
+            DEFAULT_TARGET,
+            settings.fhir.base_url,
+            connect_timeout=settings.fhir.connect_timeout_seconds,
+            read_timeout=settings.fhir.read_timeout_seconds,
+            max_connections=settings.fhir.max_in_flight,
+        )
+    else:
+        target = DirectoryTarget(DEFAULT_TARGET, settings.outbox.dir)
+    return {DEFAULT_TARGET: target}
+
+
+class App:
+    """One running adapter: listener + forwarder over one store."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
+        self.store = SqliteStore(settings.store.path, synchronous=settings.store.synchronous)
+        self.targets = build_targets(settings)
+        self.forwarder = Forwarder(
+            self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
+        )
+        options = IntakeOptions(
+            timezone=settings.mapping.timezone,
+            strict=settings.hl7.strict,
+            fallback_charset=settings.hl7.fallback_charset,
+        )
+        self.intake = Intake(self.store, self.mappings, options, on_accepted=self.forwarder.wake)
+        self.server = MllpServer(
+            self.intake,
+            settings.mllp.host,
+            settings.mllp.port,
+            max_frame_bytes=settings.mllp.max_frame_bytes,
+            idle_timeout=settings.mllp.idle_timeout_seconds,
+        )
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or request_stop), then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.server.start()
+        forwarder = asyncio.create_task(self.forwarder.run())
+        target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
+        log.info(
+            "homeward.started",
+            version=__version__,
+            store=str(self.settings.store.path),
+            target=target_desc,
+            events=sorted(self.mappings.messages),
+        )
+        await self._stop.wait()
+        log.info("homeward.stopping")
+        grace = self.settings.mllp.shutdown_grace_seconds
+        await self.server.stop(grace)
+        await self.forwarder.stop(grace)
+        forwarder.cancel()
+        await asyncio.gather(forwarder, return_exceptions=True)
+        self.store.close()
+        log.info("homeward.stopped")

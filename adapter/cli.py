@@ -1,0 +1,141 @@
+"""The `homeward` command: serve, map, send, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from adapter import __version__
+from adapter import logging as adapter_logging
+from adapter.config import Settings, env_names
+from adapter.errors import AdapterError, ConfigError, InboundError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adapter.app import App
+
+    settings = _settings(args)
+    adapter_logging.configure(settings.log.format, settings.log.level)
+    app = App(settings)
+    asyncio.run(app.run())
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """Map HL7 file(s) to Bundle JSON on stdout, without touching the network or the store."""
+    from adapter.hl7.parse import parse
+    from adapter.mapping.engine import map_message
+    from adapter.mapping.loader import load_mappings
+    from adapter.mapping.validate import validate_bundle
+
+    settings = _settings(args)
+    mappings = load_mappings(settings.mapping.dir)
+    tz = ZoneInfo(settings.mapping.timezone)
+    failures = 0
+    for name in args.files:
+        try:
+            message = parse(
+                Path(name).read_bytes(),
+                fallback_charset=settings.hl7.fallback_charset,
+                strict=settings.hl7.strict,
+            )
+            result = map_message(message, mappings, tz)
+            validate_bundle(result.bundle)
+        except OSError as exc:
+            print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+            failures += 1
+            continue
+        except InboundError as exc:
+            where = f" at {exc.location}" if exc.location else ""
+            print(f"{name}: {exc.ack_code.value} {exc.hl7_error_code}{where}: {exc.reason}", file=sys.stderr)
+            failures += 1
+            continue
+        sys.stdout.write(orjson.dumps(result.bundle, option=orjson.OPT_INDENT_2).decode() + "\n")
+        for flag in result.flags:
+            print(f"{name}: note: {flag}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send HL7 file(s) over MLLP and print each ACK."""
+    from adapter.mllp.client import MllpClient
+
+    worst = 0
+    with MllpClient(args.host, args.port, timeout=args.timeout) as client:
+        for name in args.files:
+            text = Path(name).read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+            ack = client.send(text.strip(b"\r") + b"\r")
+            print(f"{name}: " + ack.decode("utf-8", "replace").replace("\r", "\n    ").rstrip())
+            if b"MSA|AA" not in ack:
+                worst = 1
+    return worst
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate settings and every mapping file; print a summary."""
+    from adapter.mapping.loader import load_mappings
+
+    settings = _settings(args)
+    mappings = load_mappings(settings.mapping.dir)
+    target = "fhir server" if settings.fhir.base_url else f"directory {settings.outbox.dir}"
+    print(
+        f"settings: ok (mllp {settings.mllp.host}:{settings.mllp.port}, store {settings.store.path}, target {target})"
+    )
+    print(
+        f"mappings: ok ({settings.mapping.dir}: {len(mappings.messages)} message maps, "
+        f"{len(mappings.datatypes)} datatype maps, {len(mappings.vocabularies)} code tables)"
+    )
+    processed = sorted(e for e, a in mappings.site.events.items() if a == "process")
+    print(f"events processed: {', '.join(processed) or 'none'}; others: {mappings.site.unknown_events}")
+    if args.env:
+        for name, (section, key) in sorted(env_names().items()):
+            print(f"  {name} -> {section}.{key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homeward", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"homeward {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help="TOML settings file (HOMEWARD_* variables override it)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
+    serve.set_defaults(func=cmd_serve)
+    mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))
+    mapper.add_argument("files", nargs="+")
+    mapper.set_defaults(func=cmd_map)
+    send = sub.add_parser("send", help="send HL7 file(s) over MLLP and print each ACK")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=2575)
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("files", nargs="+")
+    send.set_defaults(func=cmd_send)
+    check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
+    check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"homeward: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, AdapterError) as exc:
+        print(f"homeward: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,158 @@
+"""The settings tree: read once from TOML, overridden by HOMEWARD_* variables, validated at start-up."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapter.errors import ConfigError
+
+
+def _default_mappings_dir() -> Path:
+    """The mappings shipped beside the package (a source checkout or the installed share dir)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "mappings", here / "_mappings"):
+        if candidate.is_dir():
+            return candidate
+    return Path("mappings")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MllpSettings(_Section):
+    host: str = "127.0.0.1"
+    # 0 asks the OS for a free port; the bound port is logged as mllp.listening.
+    port: int = Field(default=2575, ge=0, le=65535)
+    # Large enough for an ADT with long NTE/OBX text, small enough that one sender cannot exhaust memory.
+    max_frame_bytes: int = Field(default=1_048_576, ge=1024)
+    # Close a connection that sends nothing for this long; hospitals reconnect on demand.
+    idle_timeout_seconds: float = Field(default=300.0, gt=0)
+    # How long SIGTERM waits for in-flight messages before closing anyway.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+
+class StoreSettings(_Section):
+    path: Path = Path("var/homeward.sqlite3")
+    # FULL survives power loss as well as a process crash; the ACK means "durably stored".
+    synchronous: Literal["NORMAL", "FULL"] = "FULL"
+
+
+class FhirSettings(_Section):
+    # Empty: deliver to the directory drop (outbox.dir) instead of a FHIR server.
+    base_url: str = ""
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # httpx collapses with many requests in flight on one client (PERFORMANCE.md); 4 did well.
+    max_in_flight: int = Field(default=4, ge=1, le=64)
+
+
+class OutboxSettings(_Section):
+    dir: Path = Path("var/outbox")
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(default=10, ge=1)
+    initial_seconds: float = Field(default=1.0, gt=0)
+    max_seconds: float = Field(default=300.0, gt=0)
+    # After this long undelivered, a message goes to the dead letters whatever its attempt count.
+    max_age_seconds: float = Field(default=86_400.0, gt=0)
+
+
+class LogSettings(_Section):
+    # auto: JSON unless stderr is a terminal.
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MappingSettings(_Section):
+    dir: Path = Field(default_factory=_default_mappings_dir)
+    # The feed's local time zone, used when a v2 timestamp has no offset.
+    timezone: str = "Europe/London"
+
+
+class Hl7Settings(_Section):
+    # Also validate the message structure with hl7apy (slower; see README design notes).
+    strict: bool = False
+    # Used when MSH-18 is empty and the bytes are not valid UTF-8.
+    fallback_charset: str = "cp1252"
+
+
+class Settings(_Section):
+    mllp: MllpSettings = MllpSettings()
+    store: StoreSettings = StoreSettings()
+    fhir: FhirSettings = FhirSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    retry: RetrySettings = RetrySettings()
+    log: LogSettings = LogSettings()
+    mapping: MappingSettings = MappingSettings()
+    hl7: Hl7Settings = Hl7Settings()
+
+    @classmethod
+    def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read `path` (TOML, optional), apply HOMEWARD_* overrides, validate.
+
+        Raises ConfigError naming the key (and the variable it came from) on any problem.
+        """
+        environ = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        sources = _apply_environment(data, environ)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, sources, path)) from exc
+
+
+# Short names the issue tracker and deployment guides use, beside the regular HOMEWARD_<SECTION>_<KEY>.
+ENV_ALIASES: dict[str, tuple[str, str]] = {
+    "HOMEWARD_STORE": ("store", "path"),
+    "HOMEWARD_OUTBOX_DIR": ("outbox", "dir"),
+    "HOMEWARD_MAPPINGS_DIR": ("mapping", "dir"),
+}
+
+
+def env_names() -> dict[str, tuple[str, str]]:
+    """Every environment variable Settings reads, with the (section, key) it sets."""
+    names = dict(ENV_ALIASES)
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key in model.model_fields:
+            names[f"HOMEWARD_{section.upper()}_{key.upper()}"] = (section, key)
+    return names
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    sources: dict[tuple[str, str], str] = {}
+    for name, (section, key) in env_names().items():
+        if name in environ:
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] must be a table")
+            table[key] = environ[name]
+            sources[(section, key)] = name
+    return sources
+
+
+def _describe(exc: ValidationError, sources: dict[tuple[str, str], str], path: Path | None) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc)
+        origin = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        where = f" (from {origin})" if origin else (f" (in {path})" if path else "")
+        lines.append(f"{key}{where}: {error['msg']}")
+    return "invalid settings: " + "; ".join(lines)

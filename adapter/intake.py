@@ -1,0 +1,206 @@
+"""The MLLP frame handler: parse -> route -> map -> store -> ACK. The only code that picks ACK codes.
+
+AA is returned only after the store has committed the message (and its deliveries): AA means
+"durably accepted", not "delivered". Every frame, refused ones included, is kept with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+import structlog
+
+from adapter.errors import AckCode, InboundError, StoreUnavailable, UnsupportedMessage
+from adapter.hl7.ack import InboundHeader, build_ack
+from adapter.hl7.message import Hl7Message
+from adapter.hl7.parse import parse
+from adapter.mapping.engine import map_message
+from adapter.mapping.model import MappingSet
+from adapter.mapping.validate import validate_bundle
+from adapter.store.base import Delivery, InboundRecord, Outcome, Store
+
+log = structlog.get_logger("homeward.intake")
+
+DEFAULT_TARGET = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeOptions:
+    """The intake knobs (from Settings)."""
+
+    timezone: str = "Europe/London"
+    strict: bool = False
+    fallback_charset: str = "cp1252"
+    # "full": every bundle passes fhir.resources R4B validation before it is stored.
+    validation: str = "full"
+
+
+class Intake:
+    """Turns one inbound frame into one ACK, storing it first."""
+
+    def __init__(
+        self,
+        store: Store,
+        mappings: MappingSet,
+        options: IntakeOptions,
+        on_accepted: Callable[[], None] = lambda: None,
+    ):
+        self.store = store
+        self.mappings = mappings
+        self.options = options
+        self.tz = ZoneInfo(options.timezone)
+        self.on_accepted = on_accepted
+
+    async def frame(self, payload: bytes, peer: str) -> bytes:
+        """Handle one complete MLLP frame and return the ACK bytes to send back."""
+        started = time.perf_counter()
+        record = InboundRecord(raw=payload, peer=peer, received_at=time.time())
+        header = InboundHeader.from_bytes(payload)
+        bound = log.bind(
+            peer=peer,
+            message_control_id=header.message_control_id,
+            sending_facility=header.sending_facility,
+            size=len(payload),
+        )
+        bound.info("message.received")
+        try:
+            message = parse(payload, fallback_charset=self.options.fallback_charset, strict=self.options.strict)
+            record = _identify(record, message)
+            bound = bound.bind(message_type=message.event)
+            code, outcome = await self._process(message, record, bound)
+            ack = build_ack(header, code)
+        except InboundError as exc:
+            outcome = await self._refuse(record, exc, bound)
+            code = exc.ack_code
+            ack = build_ack(header, exc.ack_code, error_code=exc.hl7_error_code, location=exc.location, text=exc.reason)
+        except Exception:  # a bug must not kill the connection: AE 207, so the sender does not loop
+            bound.exception("message.internal_error")
+            internal = InboundError("internal error while processing the message")
+            outcome = await self._refuse(record, internal, bound)
+            code = AckCode.ERROR
+            ack = build_ack(header, code, error_code="207", text=internal.reason)
+        bound.info(
+            "message.acked",
+            ack_code=code.value,
+            outcome=outcome,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return ack
+
+    async def oversize(self, head: bytes, size: int, peer: str) -> bytes:
+        """A frame over the size limit: keep its head, answer AR naming the limit."""
+        header = InboundHeader.from_bytes(head)
+        record = InboundRecord(
+            raw=head,
+            peer=peer,
+            received_at=time.time(),
+            sending_facility=header.sending_facility,
+            message_control_id=header.message_control_id,
+        )
+        reason = f"frame of {size} bytes is over mllp.max_frame_bytes; only its first bytes were kept"
+        bound = log.bind(
+            peer=peer,
+            message_control_id=header.message_control_id,
+            sending_facility=header.sending_facility,
+            size=size,
+        )
+        bound.warning("mllp.frame_oversize")
+        exc = InboundError(reason)
+        exc.ack_code = AckCode.REJECT
+        await self._refuse(record, exc, bound)
+        return build_ack(header, AckCode.REJECT, error_code="207", text=reason)
+
+    async def incomplete(self, partial: bytes, peer: str, reason: str) -> None:
+        """A frame that never ended (EOF, idle time-out, a new start block): kept, not acknowledged."""
+        header = InboundHeader.from_bytes(partial)
+        record = InboundRecord(
+            raw=partial,
+            peer=peer,
+            received_at=time.time(),
+            sending_facility=header.sending_facility,
+            message_control_id=header.message_control_id,
+        )
+        bound = log.bind(peer=peer, message_control_id=header.message_control_id, size=len(partial))
+        bound.warning("mllp.frame_incomplete", reason=reason)
+        try:
+            await self.store.record(record, Outcome.REFUSED, "", f"incomplete frame: {reason}; not acknowledged")
+        except StoreUnavailable:
+            bound.error("store.unavailable", stage="incomplete_frame")
+
+    async def _process(self, message: Hl7Message, record: InboundRecord, bound: Any) -> tuple[AckCode, str]:
+        action = self._route(message)
+        if action == "ignore":
+            await self.store.record(record, Outcome.FILTERED, "AA", f"event {message.trigger_event} is not processed")
+            return AckCode.ACCEPT, Outcome.FILTERED.value
+        result = map_message(message, self.mappings, self.tz)
+        if self.options.validation == "full":
+            validate_bundle(result.bundle)
+        bundle = orjson.dumps(result.bundle)
+        deliveries = [Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count)]
+        detail = {"resources": result.resource_count, "flags": result.flags, "targets": [DEFAULT_TARGET]}
+        accepted = await self.store.accept(record, deliveries, detail)
+        if accepted.duplicate:
+            bound.info("message.duplicate", inbound_id=accepted.inbound_id)
+            return AckCode.ACCEPT, Outcome.DUPLICATE.value
+        bound.info(
+            "message.stored",
+            inbound_id=accepted.inbound_id,
+            resources=result.resource_count,
+            flags=len(result.flags),
+        )
+        self.on_accepted()
+        return AckCode.ACCEPT, Outcome.ACCEPTED.value
+
+    def _route(self, message: Hl7Message) -> str:
+        if message.message_type != "ADT":
+            raise UnsupportedMessage(
+                f"message type {message.message_type} is not taken", location="MSH-9", hl7_error_code="200"
+            )
+        site = self.mappings.site
+        action = site.events.get(message.trigger_event)
+        if action is None:
+            if site.unknown_events == "reject":
+                raise UnsupportedMessage(
+                    f"event {message.trigger_event} is not taken by this site",
+                    location="MSH-9",
+                    hl7_error_code="201",
+                )
+            return "ignore"
+        return action
+
+    async def _refuse(self, record: InboundRecord, exc: InboundError, bound: Any) -> str:
+        bound.warning(
+            "message.refused",
+            ack_code=exc.ack_code.value,
+            hl7_error_code=exc.hl7_error_code,
+            location=exc.location,
+            reason=exc.reason,
+        )
+        if isinstance(exc, StoreUnavailable):
+            return "store_unavailable"
+        try:
+            await self.store.record(record, Outcome.REFUSED, exc.ack_code.value, _reason(exc))
+        except StoreUnavailable:
+            bound.error("store.unavailable", stage="refused_message")
+        return Outcome.REFUSED.value
+
+
+def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
+    return InboundRecord(
+        raw=record.raw,
+        peer=record.peer,
+        sending_facility=message.sending_facility,
+        message_control_id=message.message_control_id,
+        event=message.event,
+        received_at=record.received_at,
+    )
+
+
+def _reason(exc: InboundError) -> str:
+    where = f" at {exc.location}" if exc.location else ""
+    return f"{exc.hl7_error_code}{where}: {exc.reason}"

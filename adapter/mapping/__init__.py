@@ -1,0 +1,1 @@
+"""HL7 v2 -> FHIR mapping: mapping files loaded as data, run by a pure engine."""

@@ -1,0 +1,354 @@
+"""Pure mapping: (Hl7Message, MappingSet) -> a FHIR transaction Bundle as plain dicts; no I/O, no clock.
+
+Every entry is resend-safe: resources with an identity are written as a conditional update on
+that identifier (`PUT Patient?identifier=system|value`), the rest as a PUT to an id derived from
+what identifies them, so the same message always produces the same request. Each value taken
+from the feed is checked against its FHIR primitive type here, so bad data is refused with AE
+rather than sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+from adapter.errors import MappingError
+from adapter.hl7.message import Delimiters, Hl7Message, Repetition, Segment
+from adapter.mapping.fhirtypes import check_primitive
+from adapter.mapping.functions import FUNCTIONS, MapContext, deterministic_id, instant
+from adapter.mapping.model import Condition, MappingSet, MessageMap, ResourceMap, Rule, Vocabulary
+
+HOMEWARD_DEVICE_DISPLAY = "Homeward HL7 v2 to FHIR adapter"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLine:
+    """One element set by one rule (`homeward map --explain`)."""
+
+    element: str
+    source: str
+    origin: str
+
+
+@dataclass
+class MapResult:
+    """A mapped message: the bundle, the key its deliveries are ordered by, and notes for the audit."""
+
+    bundle: dict[str, Any]
+    ordering_key: str
+    flags: list[str] = field(default_factory=list)
+    trace: list[TraceLine] = field(default_factory=list)
+    used_fields: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def resource_count(self) -> int:
+        return len(self.bundle.get("entry", []))
+
+
+class _Run:
+    """State of one mapping run: the message, the site, and what has been built so far."""
+
+    def __init__(self, message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, explain: bool):
+        self.message = message
+        self.mappings = mappings
+        self.tz = tz
+        self.explain = explain
+        self.flags: list[str] = []
+        self.trace: list[TraceLine] = []
+        self.used: set[tuple[str, int]] = set()
+        self.full_urls: dict[str, str] = {}
+
+    def context(self, segment: Segment | None, location: str) -> MapContext:
+        return MapContext(self.message, segment, location, self.tz, self.mappings.site.systems, self.flags)
+
+    # -- reading the message -------------------------------------------------------------------
+
+    def read(self, source: str, segment: Segment | None) -> tuple[list[Repetition], str]:
+        """Repetitions at `source` ("PID-3", "PID-3.1"); component sources give one-component views."""
+        seg_name, _, rest = source.partition("-")
+        parts = [int(p) for p in rest.split(".")]
+        seg = segment if segment is not None and segment.name == seg_name else self.message.segment(seg_name)
+        if seg is None:
+            return [], source
+        self.used.add((seg_name, parts[0]))
+        reps = seg.repetitions(parts[0])
+        if len(parts) == 1:
+            return reps, source
+        values = [r.component(parts[1], parts[2] if len(parts) > 2 else 1) for r in reps]
+        return [Repetition(v, _PLAIN) for v in values if v], source
+
+    def holds(self, cond: Condition, segment: Segment | None) -> bool:
+        reps, _ = self.read(cond.source, segment)
+        value = reps[0].component(1) if reps else ""
+        if cond.present is not None:
+            result = bool(value) == cond.present
+        elif cond.equals is not None:
+            result = value == cond.equals
+        else:
+            result = value in cond.one_of
+        return result != cond.negate
+
+
+# Delimiters that never occur in text: a component already read and unescaped is wrapped as-is.
+_PLAIN = Delimiters(field="", component="\x00", repetition="\x01", escape="", subcomponent="\x02")
+
+
+def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, explain: bool = False) -> MapResult:
+    """Map one message with the map for its trigger event.
+
+    Raises MappingError (naming the HL7 location) when the message lacks what its event needs or a
+    value cannot be carried into FHIR.
+    """
+    mm = mappings.messages.get(message.trigger_event)
+    if mm is None:
+        raise MappingError(f"no mapping for event {message.trigger_event}", location="MSH-9", hl7_error_code="201")
+    run = _Run(message, mappings, tz, explain)
+    _check_requires(run, mm)
+    entries: list[dict[str, Any]] = []
+    for rm in mm.resources:
+        segments: list[Segment | None] = list(message.all(rm.foreach)) if rm.foreach else [None]
+        for index, segment in enumerate(segments, start=1):
+            if rm.when is not None and not run.holds(rm.when, segment):
+                continue
+            entries.append(_entry(run, rm, segment, index))
+    if mm.provenance:
+        entries.append(_provenance(run, mm, entries))
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return MapResult(bundle, _ordering_key(message), run.flags, run.trace, run.used)
+
+
+def _check_requires(run: _Run, mm: MessageMap) -> None:
+    for location in mm.requires:
+        if "-" in location:
+            reps, _ = run.read(location, None)
+            if not reps:
+                raise MappingError(f"{location} is required for {run.message.event}", location=location)
+        elif run.message.segment(location) is None:
+            raise MappingError(f"segment {location} is required for {run.message.event}", location=location)
+
+
+def _ordering_key(message: Hl7Message) -> str:
+    """Deliveries for one patient of one sender go in arrival order (PID-3, first repetition)."""
+    pid = message.segment("PID")
+    patient = pid.get(3) if pid is not None else ""
+    return f"{message.sending_facility}|{patient or message.message_control_id}"
+
+
+def _entry(run: _Run, rm: ResourceMap, segment: Segment | None, index: int) -> dict[str, Any]:
+    resource: dict[str, Any] = {"resourceType": rm.resource_type}
+    if rm.profile:
+        resource["meta"] = {"profile": [rm.profile]}
+    for rule in rm.rules:
+        _apply(run, rule, resource, segment, rm.resource_type)
+    _prune(resource)
+    full_url, request = _request(run, rm, resource, index)
+    run.full_urls[rm.key] = full_url
+    return {"fullUrl": full_url, "resource": resource, "request": request}
+
+
+def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -> tuple[str, dict[str, str]]:
+    for name in rm.identity:
+        system = run.context(None, rm.origin).system(name)
+        for ident in resource.get("identifier", []):
+            if ident.get("system") == system and ident.get("value"):
+                full_url = f"urn:uuid:{deterministic_id(rm.resource_type, system, ident['value'])}"
+                url = f"{rm.resource_type}?identifier={quote(system, safe=':/')}|{quote(ident['value'], safe='')}"
+                return full_url, {"method": "PUT", "url": url}
+    if rm.identity:
+        raise MappingError(
+            f"{rm.resource_type} has no identifier to match on ({', '.join(rm.identity)})",
+            location=rm.origin.rsplit(": ", 1)[-1],
+        )
+    # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and its place.
+    anchors = sorted(run.full_urls.values())
+    rid = deterministic_id(rm.resource_type, rm.key, str(index), *anchors)
+    resource["id"] = rid
+    return f"urn:uuid:{rid}", {"method": "PUT", "url": f"{rm.resource_type}/{rid}"}
+
+
+def _provenance(run: _Run, mm: MessageMap, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    message = run.message
+    ctx = run.context(message.msh, "MSH-7")
+    recorded = instant(message.message_datetime, ctx) if len(message.message_datetime) >= 12 else None
+    rid = deterministic_id("Provenance", message.sending_facility, message.message_control_id)
+    resource: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": rid,
+        "target": [{"reference": e["fullUrl"]} for e in entries],
+        "recorded": recorded or "1970-01-01T00:00:00+00:00",
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "UPDATE",
+                    "display": "revise",
+                }
+            ]
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "assembler",
+                            "display": "Assembler",
+                        }
+                    ]
+                },
+                "who": {"display": HOMEWARD_DEVICE_DISPLAY},
+            }
+        ],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {"system": ctx.system("message"), "value": message.message_control_id},
+                    "display": f"HL7 v2 {message.event} message {message.message_control_id}",
+                },
+            }
+        ],
+    }
+    hospital = run.full_urls.get("hospital")
+    if hospital:
+        resource["agent"][0]["onBehalfOf"] = {"reference": hospital}
+    if recorded is None:
+        run.flags.append("MSH-7: no time to the minute; Provenance.recorded set to the epoch")
+    return {
+        "fullUrl": f"urn:uuid:{rid}",
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"Provenance/{rid}"},
+    }
+
+
+# -- applying rules -------------------------------------------------------------------------------
+
+
+def _apply(
+    run: _Run,
+    rule: Rule,
+    target: dict[str, Any],
+    segment: Segment | None,
+    where: str,
+    repetition: Repetition | None = None,
+) -> None:
+    if rule.when is not None and not run.holds(rule.when, segment):
+        return
+    if rule.ref is not None:
+        url = run.full_urls.get(rule.ref)
+        if url:
+            _set(target, rule.element, {"reference": url}, rule.info.is_list)
+        return
+    if rule.source is None:
+        values: list[Any] = [rule.value]
+        location = rule.origin
+    elif repetition is not None:  # a datatype rule: source is "component[.sub]" of the repetition
+        comp, _, sub = rule.source.partition(".")
+        text = repetition.component(int(comp), int(sub or 1))
+        values = [text] if text else []
+        location = rule.source
+    else:
+        reps, location = run.read(rule.source, segment)
+        values = list(reps if rule.repeat else reps[:1])
+    for value in values:
+        result = _transform(run, rule, value, segment, location)
+        if result is None or result == {} or result == "":
+            continue
+        if rule.info.is_primitive and not check_primitive(rule.info.type, result):
+            raise MappingError(
+                f"{location}: not a valid FHIR {rule.info.type} for {where}.{rule.element}",
+                location=location,
+                hl7_error_code="102",
+            )
+        _set(target, rule.element, result, rule.info.is_list)
+        if run.explain:
+            run.trace.append(TraceLine(f"{where}.{rule.element}", location, rule.origin))
+
+
+def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str) -> Any:
+    if rule.datatype is not None:
+        if not isinstance(value, Repetition):
+            return None
+        built: dict[str, Any] = {}
+        dt = run.mappings.datatypes[rule.datatype]
+        for sub_rule in dt.rules:
+            _apply(run, sub_rule, built, segment, f"{dt.fhir_type}", repetition=value)
+        _prune(built)
+        return built or None
+    if rule.function is not None:
+        value = FUNCTIONS[rule.function](value, run.context(segment, location), **rule.args)
+    if rule.vocabulary is not None:
+        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, rule.info.type, location)
+    if isinstance(value, Repetition):
+        value = value.component(1)
+    return value
+
+
+def _lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str) -> Any:
+    code = value.component(1) if isinstance(value, Repetition) else ("" if value is None else str(value))
+    if not code:
+        return None
+    entry = vocab.codes.get(code) or vocab.codes.get(code.upper())
+    if entry is None:
+        if vocab.unmapped == "omit":
+            return None
+        if vocab.unmapped == "default" and vocab.default is not None:
+            entry = vocab.codes[vocab.default]
+        elif vocab.unmapped == "text" and fhir_type == "CodeableConcept":
+            return {"text": code}
+        else:
+            raise MappingError(
+                f"{location}: value not in vocabulary {vocab.name}", location=location, hl7_error_code="103"
+            )
+    system = entry.get("system", vocab.system)
+    if fhir_type == "code":
+        return entry["code"]
+    coding = {"system": system, "code": entry["code"]}
+    if "display" in entry:
+        coding["display"] = entry["display"]
+    return coding if fhir_type == "Coding" else {"coding": [coding]}
+
+
+def _set(target: dict[str, Any], path: str, value: Any, last_is_list: bool) -> None:
+    """Set `value` at a dotted path; `[+]` appends, `[n]` indexes, list elements append by default."""
+    parts = path.split(".")
+    node = target
+    for i, part in enumerate(parts):
+        name, _, marker = part.partition("[")
+        marker = marker.rstrip("]")
+        last = i == len(parts) - 1
+        if last:
+            if marker or last_is_list:
+                items = node.setdefault(name, [])
+                if marker and marker != "+":
+                    idx = int(marker)
+                    while len(items) <= idx:
+                        items.append(None)
+                    items[idx] = value
+                else:
+                    items.append(value)
+            else:
+                node[name] = value
+            return
+        if marker:
+            items = node.setdefault(name, [])
+            idx = len(items) if marker == "+" else int(marker)
+            while len(items) <= idx:
+                items.append({})
+            node = items[idx]
+        else:
+            node = node.setdefault(name, {})
+
+
+def _prune(node: Any) -> bool:
+    """Remove empty dicts, lists and None values in place; return True when `node` itself is empty."""
+    if isinstance(node, dict):
+        for key in [k for k, v in node.items() if _prune(v)]:
+            del node[key]
+        return not node
+    if isinstance(node, list):
+        node[:] = [v for v in node if not _prune(v)]
+        return not node
+    return node is None or node == ""

@@ -1,0 +1,188 @@
+"""Small named transforms that mapping files call by name: dates, identifiers, NHS numbers, ids.
+
+Each function takes the value a rule read (a string or a Repetition), a MapContext and the
+rule's `args`, and returns the FHIR value, or None to set nothing. A value that cannot be carried
+raises MappingError naming the field (never quoting the value: it may be patient data).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from adapter.errors import MappingError
+from adapter.hl7.message import Hl7Message, Repetition, Segment
+
+NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+NHS_VERIFICATION_EXTENSION = "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-NHSNumberVerificationStatus"
+NHS_VERIFICATION_SYSTEM = "https://fhir.hl7.org.uk/CodeSystem/UKCore-NHSNumberVerificationStatusEngland"
+ODS_ORGANIZATION_SYSTEM = "https://fhir.nhs.uk/Id/ods-organization-code"
+# uuid5 namespace for Homeward's deterministic ids: the same identifier always gives the same id.
+HOMEWARD_NAMESPACE = uuid.UUID("6f1d7e0c-3b0a-5a8e-9a55-2f0e6c1f4b1d")
+
+
+@dataclass
+class MapContext:
+    """What a transform may look at besides its value: the message, the segment, the site settings."""
+
+    message: Hl7Message
+    segment: Segment | None
+    location: str
+    tz: ZoneInfo
+    systems: dict[str, str]
+    flags: list[str] = field(default_factory=list)
+
+    def system(self, name: str) -> str:
+        """A site identifier system by name, with {sending_facility} filled in."""
+        try:
+            template = self.systems[name]
+        except KeyError:
+            raise MappingError(f"no identifier system named '{name}' in site.yaml", location=self.location) from None
+        return template.format(sending_facility=self.message.sending_facility or "unknown")
+
+
+def text(value: Any) -> str:
+    """The plain text of a rule's value (first component of a repetition)."""
+    if isinstance(value, Repetition):
+        return value.component(1)
+    return "" if value is None else str(value)
+
+
+# -- dates and times --------------------------------------------------------------------------
+
+_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
+
+
+def _parse_dtm(value: str, ctx: MapContext) -> tuple[datetime, int]:
+    """Parse a v2 DTM/TS; return the moment and how many date/time parts were given (1-6)."""
+    match = _DTM.match(value.strip())
+    if not match:
+        raise MappingError("not a valid HL7 v2 date/time", location=ctx.location, hl7_error_code="102")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    parts = 1 + sum(p is not None for p in (month, day, hour, minute, second))
+    try:
+        moment = datetime(
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "0").ljust(6, "0")[:6]),
+        )
+    except ValueError as exc:
+        raise MappingError("not a real calendar date/time", location=ctx.location, hl7_error_code="102") from exc
+    if offset:
+        sign = 1 if offset[0] == "+" else -1
+        delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
+        moment = moment.replace(tzinfo=timezone(sign * delta))
+    elif parts >= 4:
+        moment = moment.replace(tzinfo=ctx.tz)
+    return moment, parts
+
+
+def date(value: Any, ctx: MapContext) -> str | None:
+    """v2 DT/DTM -> FHIR date, keeping the precision sent (YYYY, YYYY-MM, YYYY-MM-DD)."""
+    raw = text(value)
+    if not raw:
+        return None
+    moment, parts = _parse_dtm(raw, ctx)
+    return moment.strftime(("%Y", "%Y-%m", "%Y-%m-%d")[min(parts, 3) - 1])
+
+
+def datetime_(value: Any, ctx: MapContext) -> str | None:
+    """v2 DTM -> FHIR dateTime; with a time, always seconds and an offset (the feed's zone if none)."""
+    raw = text(value)
+    if not raw:
+        return None
+    moment, parts = _parse_dtm(raw, ctx)
+    if parts <= 3:
+        return date(raw, ctx)
+    return moment.isoformat(timespec="seconds")
+
+
+def instant(value: Any, ctx: MapContext) -> str | None:
+    """v2 DTM -> FHIR instant (needs at least minutes; seconds and offset filled in)."""
+    raw = text(value)
+    if not raw:
+        return None
+    moment, parts = _parse_dtm(raw, ctx)
+    if parts < 5:
+        raise MappingError("an instant needs a time to the minute", location=ctx.location, hl7_error_code="102")
+    return moment.isoformat(timespec="seconds")
+
+
+# -- identifiers ------------------------------------------------------------------------------
+
+
+def nhs_number_is_valid(number: str) -> bool:
+    """Modulus 11 check of a 10-digit NHS number (NHS Data Dictionary)."""
+    if len(number) != 10 or not number.isdigit():
+        return False
+    total = sum(int(d) * w for d, w in zip(number[:9], range(10, 1, -1), strict=True))
+    check = 11 - total % 11
+    if check == 11:
+        check = 0
+    return check != 10 and check == int(number[9])
+
+
+def _is_nhs_repetition(rep: Repetition) -> bool:
+    return rep.component(4).upper() == "NHS" or rep.component(5).upper() == "NH"
+
+
+def cx_identifier(value: Any, ctx: MapContext, mrn_system: str = "mrn") -> dict[str, Any] | None:
+    """PID-3 repetition (CX) -> Identifier: a valid NHS number, or a local number of the hospital.
+
+    An NHS number that fails its check digit is kept as a local identifier, never sent as an NHS
+    number, and flagged for the audit record.
+    """
+    if not isinstance(value, Repetition):
+        return None
+    number = value.component(1).replace(" ", "")
+    if not number:
+        return None
+    if _is_nhs_repetition(value):
+        if nhs_number_is_valid(number):
+            return {"system": NHS_NUMBER_SYSTEM, "value": number}
+        ctx.flags.append(f"{ctx.location}: invalid NHS number kept as a local identifier")
+        return {"system": ctx.system("invalid-nhs-number"), "value": number, "use": "secondary"}
+    return {"system": ctx.system(mrn_system), "value": number, "use": "usual"}
+
+
+def identifier(value: Any, ctx: MapContext, system: str) -> dict[str, Any] | None:
+    """A value -> Identifier with a named site system (e.g. PV1-19 -> the visit-number system)."""
+    raw = text(value)
+    return {"system": ctx.system(system), "value": raw} if raw else None
+
+
+def ods_identifier(value: Any, ctx: MapContext) -> dict[str, Any] | None:
+    """An ODS code (e.g. MSH-4) -> Identifier in the ODS organisation code system."""
+    raw = text(value).strip().upper()
+    return {"system": ODS_ORGANIZATION_SYSTEM, "value": raw} if raw else None
+
+
+def deterministic_id(*parts: str) -> str:
+    """A UUID that is the same whenever the same parts are given (resend-safe ids)."""
+    return str(uuid.uuid5(HOMEWARD_NAMESPACE, "|".join(parts)))
+
+
+def constant_text(value: Any, ctx: MapContext, value_text: str = "") -> str | None:
+    """Return the rule's fixed text when the source field has a value (for display texts)."""
+    return value_text if text(value) else None
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "date": date,
+    "dateTime": datetime_,
+    "instant": instant,
+    "cx_identifier": cx_identifier,
+    "identifier": identifier,
+    "ods_identifier": ods_identifier,
+    "text": lambda value, ctx: text(value) or None,
+    "constant_text": constant_text,
+}

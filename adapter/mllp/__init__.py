@@ -1,0 +1,1 @@
+"""MLLP: framing (sans-IO), the asyncio listener and a small client."""

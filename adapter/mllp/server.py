@@ -1,0 +1,150 @@
+"""The asyncio MLLP listener: per connection, read frames, await the handler, write its ACK.
+
+A sender waits for each ACK before the next message, so frames on one connection are handled
+one at a time, in order. On shutdown the listener stops accepting, lets each connection finish
+the frame it is handling, and closes idle connections at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Protocol
+
+import structlog
+
+from adapter.mllp.framing import Frame, FrameReader, Junk, OversizeFrame, UnterminatedFrame, wrap
+
+log = structlog.get_logger("homeward.mllp")
+
+READ_CHUNK = 65536
+
+
+class FrameHandler(Protocol):
+    """What the listener needs from intake."""
+
+    async def frame(self, payload: bytes, peer: str) -> bytes: ...
+
+    async def oversize(self, head: bytes, size: int, peer: str) -> bytes: ...
+
+    async def incomplete(self, partial: bytes, peer: str, reason: str) -> None: ...
+
+
+class MllpServer:
+    """Listens on host:port (port 0 picks a free one; read `.port` after start())."""
+
+    def __init__(
+        self,
+        handler: FrameHandler,
+        host: str,
+        port: int,
+        *,
+        max_frame_bytes: int,
+        idle_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
+        self.handler = handler
+        self.host = host
+        self.requested_port = port
+        self.max_frame_bytes = max_frame_bytes
+        self.idle_timeout = idle_timeout
+        self.ssl_context = ssl_context
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a frame
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.requested_port, ssl=self.ssl_context, limit=READ_CHUNK
+        )
+        log.info("mllp.listening", host=self.host, port=self.port, tls=self.ssl_context is not None)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; give busy connections `grace` seconds to finish their frame."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for task, busy in list(self._connections.items()):
+            if not busy:
+                task.cancel()
+        pending = list(self._connections)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("mllp.stopped")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = False
+        try:
+            await self._connection(task, reader, writer)
+        finally:
+            self._connections.pop(task, None)
+
+    async def _connection(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer_info = writer.get_extra_info("peername")
+        peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
+        bound = log.bind(peer=peer)
+        bound.info("mllp.connected")
+        frames = FrameReader(self.max_frame_bytes)
+        reason = "closed by peer"
+        try:
+            while not self._closing:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                except TimeoutError:
+                    reason = "idle timeout"
+                    break
+                if not data:
+                    break
+                self._connections[task] = True
+                try:
+                    for event in frames.feed(data):
+                        await self._dispatch(event, peer, writer, bound)
+                finally:
+                    self._connections[task] = False
+        except (ConnectionError, ssl.SSLError) as exc:
+            reason = f"connection error ({type(exc).__name__})"
+        except asyncio.CancelledError:
+            reason = "shutdown"
+        finally:
+            if frames.in_frame and frames.pending_bytes:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.handler.incomplete(frames.take_partial(), peer, reason))
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            bound.info("mllp.disconnected", reason=reason)
+
+    async def _dispatch(self, event: object, peer: str, writer: asyncio.StreamWriter, bound: object) -> None:
+        if isinstance(event, Frame):
+            ack = await self.handler.frame(event.payload, peer)
+        elif isinstance(event, OversizeFrame):
+            ack = await self.handler.oversize(event.head, event.size, peer)
+        elif isinstance(event, UnterminatedFrame):
+            await self.handler.incomplete(event.payload, peer, "missing end block")
+            return
+        elif isinstance(event, Junk):
+            log.warning("mllp.junk_skipped", peer=peer, bytes=event.size)
+            return
+        else:
+            return
+        writer.write(wrap(ack))
+        await writer.drain()

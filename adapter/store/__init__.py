@@ -1,0 +1,1 @@
+"""Durable storage of inbound messages, the outbox and the audit trail."""

@@ -1,0 +1,379 @@
+"""The embedded store: one SQLite file (WAL) written by one thread that group-commits.
+
+Every write is a function run inside a transaction on the writer thread. The thread takes all
+writes waiting at that moment, runs each under its own SAVEPOINT (so one failure cannot undo its
+neighbours) and commits them together: a group commit that happens "while the previous commit
+runs", never on a timer (PERFORMANCE.md: a timed window caps one MLLP connection at ~165 msg/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from adapter.errors import StoreUnavailable
+from adapter.store.base import (
+    AcceptResult,
+    Delivery,
+    DeliveryState,
+    InboundRecord,
+    OutboxItem,
+    Outcome,
+)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbound (
+    id                 INTEGER PRIMARY KEY,
+    received_at        REAL NOT NULL,
+    peer               TEXT NOT NULL DEFAULT '',
+    sending_facility   TEXT NOT NULL DEFAULT '',
+    message_control_id TEXT NOT NULL DEFAULT '',
+    event              TEXT NOT NULL DEFAULT '',
+    size               INTEGER NOT NULL,
+    sha256             TEXT NOT NULL,
+    raw                BLOB,
+    outcome            TEXT NOT NULL,
+    ack_code           TEXT NOT NULL,
+    reason             TEXT NOT NULL DEFAULT '',
+    -- MSH-4|MSH-10 of accepted messages only; a resend of one collides here.
+    dedup_key          TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS inbound_control_id ON inbound (message_control_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    inbound_id      INTEGER NOT NULL REFERENCES inbound (id),
+    target          TEXT NOT NULL,
+    ordering_key    TEXT NOT NULL,
+    bundle          BLOB NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claimed_until   REAL NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    delivered_at    REAL,
+    last_error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, state, id);
+CREATE TABLE IF NOT EXISTS audit (
+    id                 INTEGER PRIMARY KEY,
+    at                 REAL NOT NULL,
+    inbound_id         INTEGER,
+    outbox_id          INTEGER,
+    stage              TEXT NOT NULL,
+    detail             TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_inbound ON audit (inbound_id);
+"""
+
+_STOP = object()
+# Upper bound on writes in one group commit, so one commit never holds callers for long.
+_MAX_GROUP = 256
+
+
+class SqliteStore:
+    """Store over one SQLite file; safe to call from the event loop and from other threads."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._conn = self._connect()
+        self._conn.executescript(SCHEMA)
+        # A crash leaves claims behind; this process is the file's only writer, so release them.
+        self._conn.execute("UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0")
+        self._conn.commit()
+        self._thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def submit(self, op: Op) -> concurrent.futures.Future[Any]:
+        """Queue `op(conn)` for the writer thread; the future resolves after its commit."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(StoreUnavailable("the store is closed"))
+            return future
+        self._queue.put((op, future))
+        return future
+
+    async def run(self, op: Op) -> Any:
+        """Run `op(conn)` in a committed transaction and return its result."""
+        return await asyncio.wrap_future(self.submit(op))
+
+    def _writer(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < _MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(item)
+            self._commit_group(batch)
+
+    def _commit_group(self, batch: list[tuple[Op, concurrent.futures.Future[Any]]]) -> None:
+        results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((future, True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # handed to the caller's future; the batch goes on
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _, future in batch:
+                if not future.done():
+                    _settle(future, False, StoreUnavailable(f"the store could not commit ({type(exc).__name__})"))
+            return
+        for future, ok, value in results:
+            _settle(future, ok, value)
+
+    def close(self) -> None:
+        """Finish queued writes and close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+        self._conn.close()
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
+        def op(conn: sqlite3.Connection) -> AcceptResult:
+            existing = conn.execute("SELECT id FROM inbound WHERE dedup_key = ?", (record.dedup_key,)).fetchone()
+            if existing is not None:
+                inbound_id = _insert_inbound(
+                    conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message", dedup=False
+                )
+                _audit(conn, inbound_id, None, "duplicate", {"original_inbound_id": existing[0]})
+                return AcceptResult(inbound_id, True)
+            inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True)
+            _audit(conn, inbound_id, None, "received", _received_detail(record))
+            ids = []
+            for d in deliveries:
+                cur = conn.execute(
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (inbound_id, d.target, d.ordering_key, d.bundle, record.received_at, record.received_at),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+                _audit(
+                    conn,
+                    inbound_id,
+                    cur.lastrowid,
+                    "queued",
+                    {"target": d.target, "resources": d.resource_count},
+                )
+            _audit(conn, inbound_id, None, "accepted", detail)
+            return AcceptResult(inbound_id, False, tuple(ids))
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            inbound_id = _insert_inbound(conn, record, outcome, ack_code, reason, dedup=False)
+            _audit(conn, inbound_id, None, "received", _received_detail(record))
+            _audit(conn, inbound_id, None, outcome.value, {"ack_code": ack_code, "reason": reason})
+            return inbound_id
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def _guarded(self, op: Op) -> Any:
+        try:
+            return await self.run(op)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store could not commit ({type(exc).__name__})") from exc
+
+    # -- the forwarder ---------------------------------------------------------------------
+
+    async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        def op(conn: sqlite3.Connection) -> list[OutboxItem]:
+            rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
+            items = [_item(row) for row in rows]
+            conn.executemany(
+                "UPDATE outbox SET claimed_until = ? WHERE id = ?",
+                [(now + lease_seconds, item.id) for item in items],
+            )
+            return items
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, claimed_until = 0,"
+                " last_error = '' WHERE id = ?",
+                (now, item.id),
+            )
+            _audit(conn, item.inbound_id, item.id, "delivered", detail)
+
+        await self._guarded(op)
+
+    async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?"
+                " WHERE id = ?",
+                (next_attempt_at, reason, item.id),
+            )
+            _audit(conn, item.inbound_id, item.id, "retry_scheduled", detail)
+
+        await self._guarded(op)
+
+    async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?"
+                " WHERE id = ?",
+                (reason, item.id),
+            )
+            _audit(conn, item.inbound_id, item.id, "dead_lettered", detail)
+
+        await self._guarded(op)
+
+    # -- reading (CLI, tests) --------------------------------------------------------------
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Read with a separate connection (WAL lets readers run beside the writer)."""
+        conn = sqlite3.connect(self.path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def pending_count(self) -> int:
+        return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
+
+
+# Only the oldest pending row of each (target, ordering_key) may go, and only when nothing for that
+# key is in flight: a retry of an A03 holds back the A13 that cancels it.
+CLAIM_SQL = f"""
+SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
+       i.sending_facility, i.message_control_id, i.event
+FROM outbox o JOIN inbound i ON i.id = o.inbound_id
+WHERE o.state = '{DeliveryState.PENDING}' AND o.next_attempt_at <= ? AND o.claimed_until <= ?
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox p
+      WHERE p.target = o.target AND p.ordering_key = o.ordering_key
+        AND p.state = '{DeliveryState.PENDING}' AND p.id < o.id)
+ORDER BY o.id
+LIMIT ?
+"""
+
+
+def _item(row: tuple[Any, ...]) -> OutboxItem:
+    return OutboxItem(
+        id=row[0],
+        inbound_id=row[1],
+        target=row[2],
+        ordering_key=row[3],
+        bundle=row[4],
+        attempts=row[5],
+        created_at=row[6],
+        sending_facility=row[7],
+        message_control_id=row[8],
+        event=row[9],
+    )
+
+
+def _insert_inbound(
+    conn: sqlite3.Connection,
+    record: InboundRecord,
+    outcome: Outcome,
+    ack_code: str,
+    reason: str,
+    *,
+    dedup: bool,
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO inbound (received_at, peer, sending_facility, message_control_id, event, size, sha256, raw,"
+        " outcome, ack_code, reason, dedup_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.received_at or time.time(),
+            record.peer,
+            record.sending_facility,
+            record.message_control_id,
+            record.event,
+            len(record.raw),
+            hashlib.sha256(record.raw).hexdigest(),
+            record.raw,
+            outcome.value,
+            ack_code,
+            reason,
+            record.dedup_key if dedup else None,
+        ),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _received_detail(record: InboundRecord) -> dict[str, Any]:
+    return {
+        "peer": record.peer,
+        "sending_facility": record.sending_facility,
+        "message_control_id": record.message_control_id,
+        "event": record.event,
+        "size": len(record.raw),
+        "sha256": hashlib.sha256(record.raw).hexdigest(),
+    }
+
+
+def _audit(
+    conn: sqlite3.Connection,
+    inbound_id: int | None,
+    outbox_id: int | None,
+    stage: str,
+    detail: dict[str, Any],
+) -> None:
+    conn.execute(
+        "INSERT INTO audit (at, inbound_id, outbox_id, stage, detail) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), inbound_id, outbox_id, stage, orjson.dumps(detail).decode()),
+    )
+
+
+def _settle(future: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -1,0 +1,136 @@
+"""Shared fixtures: real SQLite files, the MLLP listener on a free port, `homeward serve` as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+MAPPINGS = ROOT / "mappings"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/**/*.bundle.json")
+
+
+def golden_message(relative: str) -> bytes:
+    """A golden HL7 file as CR-separated bytes (files are kept with LF for reading)."""
+    return (GOLDEN / relative).read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r")
+
+
+class ServeProcess:
+    """`homeward serve` in a subprocess with its own store and log file; the port is read from its log."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]):
+        self.tmp = tmp
+        self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
+        self.env = {**os.environ, "HOMEWARD_MLLP_PORT": "0", "HOMEWARD_STORE": str(tmp / "homeward.sqlite3"),
+                    "HOMEWARD_OUTBOX_DIR": str(tmp / "outbox"), "HOMEWARD_LOG_FORMAT": "json", **env}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "adapter", "serve"], env=self.env, cwd=tmp,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_lines():
+                if line.get("event") == "mllp.listening":
+                    return int(line["port"])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"homeward serve exited early:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"homeward serve did not listen in time:\n{self.log_path.read_text()}")
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"event": "non-json", "text": raw})
+        return lines
+
+    def wait_for_log(self, event: str, count: int = 1, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.log_lines() if line.get("event") == event]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {count} '{event}' log lines:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """Start `homeward serve` subprocesses (call with extra env); all are stopped at teardown."""
+    started: list[ServeProcess] = []
+
+    def start(**env: str) -> ServeProcess:
+        process = ServeProcess(tmp_path, env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+class LoopThread:
+    """An asyncio loop in a thread, so blocking socket clients can talk to in-process servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def ack_fields(ack: bytes) -> dict[str, list[str]]:
+    """Split an ACK into {segment name: fields}, numbered as HL7 numbers them (MSH-1 is the separator)."""
+    segments: dict[str, list[str]] = {}
+    for line in re.split(r"\r|\n", ack.decode()):
+        if not line:
+            continue
+        fields = line.split("|")
+        if fields[0] == "MSH":
+            fields.insert(1, "|")
+        segments[fields[0]] = fields
+    return segments
