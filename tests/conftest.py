@@ -36,11 +36,22 @@ class ServeProcess:
     def __init__(self, tmp: Path, env: dict[str, str]):
         self.tmp = tmp
         self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
-        self.env = {**os.environ, "HOMEWARD_MLLP_PORT": "0", "HOMEWARD_STORE": str(tmp / "homeward.sqlite3"),
-                    "HOMEWARD_OUTBOX_DIR": str(tmp / "outbox"), "HOMEWARD_LOG_FORMAT": "json", **env}
+        self.env = {
+            **os.environ,
+            "HOMEWARD_MLLP_PORT": "0",
+            "HOMEWARD_STORE": str(tmp / "homeward.sqlite3"),
+            "HOMEWARD_OUTBOX_DIR": str(tmp / "outbox"),
+            "HOMEWARD_LOG_FORMAT": "json",
+            **env,
+        }
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "adapter", "serve"], env=self.env, cwd=tmp,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "adapter", "serve"],
+            env=self.env,
+            cwd=tmp,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.port = self._wait_for_port()
 
     def _wait_for_port(self, timeout: float = 20.0) -> int:
