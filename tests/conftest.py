@@ -44,7 +44,7 @@ class ServeProcess:
             "HOMEWARD_LOG_FORMAT": "json",
             **env,
         }
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapter", "serve"],
             env=self.env,
