@@ -114,7 +114,8 @@ def build_ack(
         ]
     )
     msa_text = _escape(text or "", header)[:80] if code is not AckCode.ACCEPT else ""
-    segments = [msh, f.join(["MSA", code.value, header.message_control_id, msa_text]).rstrip(f)]
+    msa = ["MSA", code.value, header.message_control_id] + ([msa_text] if msa_text else [])
+    segments = [msh, f.join(msa)]
     if code is not AckCode.ACCEPT:
         segments.append(_err(header, error_code or "207", location, text or ""))
     return ("\r".join(segments) + "\r").encode("utf-8")

@@ -69,6 +69,8 @@ class Repetition:
 
     def component(self, n: int = 1, sub: int = 1) -> str:
         """The unescaped text of component `n`, subcomponent `sub` ("" when absent)."""
+        if not self._d.component:  # MSH-1 / MSH-2: the delimiters themselves, never split
+            return self.raw if n == 1 and sub == 1 else ""
         if self._components is None:
             self._components = self.raw.split(self._d.component)
         if n > len(self._components):
