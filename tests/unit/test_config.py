@@ -1,0 +1,60 @@
+"""Settings: TOML + HOMEWARD_* overrides, validated once, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapter.config import Settings
+from adapter.errors import ConfigError
+from tests.conftest import ROOT
+
+
+class TestSettings:
+    def test_defaults_need_nothing(self) -> None:
+        """With no file and no variables, the embedded defaults load (directory drop, SQLite)."""
+        settings = Settings.load(None, environ={})
+        assert settings.fhir.base_url == ""
+        assert settings.store.path == Path("var/homeward.sqlite3")
+        assert settings.mapping.dir.is_dir()
+
+    def test_env_overrides_toml(self, tmp_path: Path) -> None:
+        """HOMEWARD_* variables win over the TOML file, including the short aliases."""
+        toml = tmp_path / "h.toml"
+        toml.write_text('[mllp]\nport = 2600\n[fhir]\nbase_url = "http://file"\n')
+        env = {
+            "HOMEWARD_MLLP_PORT": "0",
+            "HOMEWARD_MLLP_HOST": "0.0.0.0",
+            "HOMEWARD_STORE": "/tmp/x.db",
+            "HOMEWARD_OUTBOX_DIR": "/tmp/drop",
+            "HOMEWARD_LOG_FORMAT": "console",
+        }
+        settings = Settings.load(toml, environ=env)
+        assert (settings.mllp.host, settings.mllp.port) == ("0.0.0.0", 0)
+        assert settings.fhir.base_url == "http://file"
+        assert settings.store.path == Path("/tmp/x.db")
+        assert settings.outbox.dir == Path("/tmp/drop")
+        assert settings.log.format == "console"
+
+    def test_bad_env_value_names_key_and_variable(self) -> None:
+        """A bad value is reported with its dotted key and the variable it came from."""
+        with pytest.raises(ConfigError, match=r"mllp\.port \(from HOMEWARD_MLLP_PORT\)"):
+            Settings.load(None, environ={"HOMEWARD_MLLP_PORT": "not-a-port"})
+
+    def test_unknown_key_in_toml_is_refused(self, tmp_path: Path) -> None:
+        """A misspelt key in the TOML file stops start-up, naming the key and the file."""
+        toml = tmp_path / "h.toml"
+        toml.write_text("[mllp]\nprot = 1\n")
+        with pytest.raises(ConfigError, match=r"mllp\.prot .*h\.toml"):
+            Settings.load(toml, environ={})
+
+    def test_example_file_loads_and_documents_every_key(self) -> None:
+        """examples/homeward.toml loads, and every settings key appears in it."""
+        example = ROOT / "examples" / "homeward.toml"
+        Settings.load(example, environ={})
+        text = example.read_text()
+        for section, model in Settings.model_fields.items():
+            assert f"[{section}]" in text
+            for key in model.annotation.model_fields:  # type: ignore[union-attr]
+                assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
