@@ -33,9 +33,10 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         "HOMEWARD_OUTBOX_DIR": str(tmp / "outbox"),
         "HOMEWARD_LOG_FORMAT": "json",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adapter", "serve"], env=env, cwd=tmp, stdout=open(log, "wb"), stderr=subprocess.STDOUT
-    )  # noqa: SIM115
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adapter", "serve"], env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT
+        )
     env_port = None
     deadline = time.monotonic() + 20
     while env_port is None and time.monotonic() < deadline:
