@@ -141,12 +141,12 @@ class Forwarder:
             await self._failed(item, exc, bound)
             return
         except Exception as exc:  # an unexpected bug counts as retryable until attempts run out
-            bound.exception("delivery.internal_error")
+            bound.exception("message.delivery_error")
             await self._failed(item, RetryableDelivery(f"internal error ({type(exc).__name__})"), bound)
             return
         await self.store.mark_delivered(item, self.clock(), detail)
         bound.info(
-            "delivery.succeeded",
+            "message.delivered",
             status=detail.get("status"),
             duration_ms=detail.get("duration_ms"),
             age_ms=round((self.clock() - item.created_at) * 1000, 1),
@@ -166,10 +166,8 @@ class Forwarder:
         if give_up is not None:
             reason = f"{exc.reason} ({give_up})"
             await self.store.dead_letter(item, now, reason, detail)
-            bound.error("delivery.dead_lettered", status=exc.status, reason=reason)
+            bound.error("message.dead_lettered", status=exc.status, reason=reason)
             return
         delay = self.policy.delay(attempts, exc.retry_after)
         await self.store.reschedule(item, now + delay, exc.reason, {**detail, "retry_in_seconds": round(delay, 3)})
-        bound.warning(
-            "delivery.retry_scheduled", status=exc.status, reason=exc.reason, retry_in_seconds=round(delay, 3)
-        )
+        bound.warning("message.retry_scheduled", status=exc.status, reason=exc.reason, retry_in_seconds=round(delay, 3))

@@ -66,7 +66,7 @@ class TestEndToEnd:
             assert entry["request"]["method"] == "PUT"
             if entry["resource"]["resourceType"] != "Provenance":
                 assert "?identifier=" in entry["request"]["url"]
-        process.wait_for_log("delivery.succeeded")
+        process.wait_for_log("message.delivered")
 
     def test_same_message_gives_identical_requests(self, serve, fhir: HTTPServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         """The same message through two fresh adapters produces byte-identical requests (resend-safe)."""
@@ -85,7 +85,7 @@ class TestEndToEnd:
         process = serve(HOMEWARD_FHIR_BASE_URL=fhir.url_for("/fhir"))
         acks = send(process.port, a03("DUP-1"), a03("DUP-1"))
         assert [a["MSA"][1] for a in acks] == ["AA", "AA"]
-        process.wait_for_log("delivery.succeeded")
+        process.wait_for_log("message.delivered")
         time.sleep(1.5)  # give a wrong second delivery the chance to happen
         assert len(fhir_posts(fhir)) == 1
 
@@ -132,11 +132,11 @@ class TestEndToEnd:
         first = serve(HOMEWARD_FHIR_BASE_URL=f"http://127.0.0.1:{dead_port}/fhir", **env)
         acks = send(first.port, *[a03(f"KILL-{n}") for n in range(5)])
         assert all(a["MSA"][1] == "AA" for a in acks)
-        first.wait_for_log("delivery.retry_scheduled")
+        first.wait_for_log("message.retry_scheduled")
         first.stop(signal.SIGKILL)
         assert fhir_posts(fhir) == []
         second = serve(HOMEWARD_FHIR_BASE_URL=fhir.url_for("/fhir"), **env)
-        second.wait_for_log("delivery.succeeded", count=5)
+        second.wait_for_log("message.delivered", count=5)
         delivered = sorted(
             next(
                 e["resource"]["entity"][0]["what"]["identifier"]["value"]
