@@ -136,13 +136,14 @@ def list_messages(
     ]
 
 
-# pending while any delivery is pending, dead when any is dead, delivered when all are; else the outcome.
+# pending while any delivery is pending, dead while any waits in the dead letters, delivered when one
+# was; else the last delivery's state (discarded, stale); with no deliveries, the intake outcome.
 STATUS_SQL = """
 CASE
   WHEN EXISTS (SELECT 1 FROM outbox s WHERE s.inbound_id = i.id AND s.state = 'pending') THEN 'pending'
   WHEN EXISTS (SELECT 1 FROM outbox s WHERE s.inbound_id = i.id AND s.state = 'dead') THEN 'dead'
-  WHEN EXISTS (SELECT 1 FROM outbox s WHERE s.inbound_id = i.id) THEN 'delivered'
-  ELSE i.outcome
+  WHEN EXISTS (SELECT 1 FROM outbox s WHERE s.inbound_id = i.id AND s.state = 'delivered') THEN 'delivered'
+  ELSE coalesce((SELECT s.state FROM outbox s WHERE s.inbound_id = i.id ORDER BY s.id DESC LIMIT 1), i.outcome)
 END
 """
 
