@@ -11,10 +11,11 @@ from adapter import __version__, metrics
 from adapter.admin import AdminServer
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
-from adapter.errors import StoreUnavailable
+from adapter.errors import ConfigError, StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
+from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store.sqlite import SqliteStore
@@ -50,6 +51,12 @@ class App:
             settings.store.path, synchronous=settings.store.synchronous, audit_keys=self.audit_keys
         )
         self.targets = build_targets(settings)
+        unknown = named_targets(self.mappings.site.routing) - set(self.targets)
+        if unknown:
+            raise ConfigError(
+                f"{settings.mapping.dir}/site.yaml: routing: target(s) {sorted(unknown)} are not configured"
+                f" (configured: {sorted(self.targets)})"
+            )
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
         )

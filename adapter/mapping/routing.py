@@ -54,3 +54,11 @@ def decide(routing: Routing, read: Callable[[str], str], holds: Callable[[Condit
     if not targets:
         targets = list(routing.unrouted_targets)
     return RouteDecision(tuple(targets), tuple(councils), tuple(matched))
+
+
+def named_targets(routing: Routing) -> set[str]:
+    """Every target name the routing rules can choose (checked against the configured targets at start-up)."""
+    names = set(routing.unrouted_targets)
+    for route in routing.routes:
+        names.update(route.targets)
+    return names
