@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, check-config."""
+"""The `homeward` command: serve, map, send, check-config, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)
+    from adapter import cli_delivery
+
+    cli_delivery.add_parsers(sub, with_config, _settings)
     return parser
 
 

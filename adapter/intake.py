@@ -9,17 +9,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import structlog
 
-from adapter.errors import AckCode, InboundError, StoreUnavailable, UnsupportedMessage
+from adapter.errors import AckCode, InboundError, MappingError, StoreUnavailable, UnsupportedMessage
 from adapter.hl7.ack import InboundHeader, build_ack
 from adapter.hl7.message import Hl7Message
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
+from adapter.mapping.functions import MapContext, datetime_
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
@@ -141,7 +143,10 @@ class Intake:
         if self.options.validation == "full":
             validate_bundle(result.bundle)
         bundle = orjson.dumps(result.bundle)
-        deliveries = [Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count)]
+        visit_key, event_time = _visit_and_time(message, self.tz)
+        deliveries = [
+            Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
+        ]
         detail = {"resources": result.resource_count, "flags": result.flags, "targets": [DEFAULT_TARGET]}
         accepted = await self.store.accept(record, deliveries, detail)
         if accepted.duplicate:
@@ -199,6 +204,29 @@ def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
         event=message.event,
         received_at=record.received_at,
     )
+
+
+def _visit_and_time(message: Hl7Message, tz: ZoneInfo) -> tuple[str, float | None]:
+    """The stale-event rule's inputs: the visit (MSH-4 + PV1-19) and when the event happened (EVN-2, else MSH-7).
+
+    No visit number or no readable time: ("", None), and the rule does not apply to the message.
+    """
+    pv1 = message.segment("PV1")
+    visit = pv1.get(19) if pv1 is not None else ""
+    if not visit:
+        return "", None
+    evn = message.segment("EVN")
+    for location, value in (("EVN-2", evn.get(2) if evn is not None else ""), ("MSH-7", message.msh.get(7))):
+        if not value:
+            continue
+        try:
+            iso = datetime_(value, MapContext(message, None, location, tz, {}))
+        except MappingError:
+            continue
+        if iso:
+            when = datetime.fromisoformat(iso)
+            return f"{message.sending_facility}|{visit}", (when if when.tzinfo else when.replace(tzinfo=tz)).timestamp()
+    return "", None
 
 
 def _reason(exc: InboundError) -> str:
