@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fhir_server import FhirServer
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 MAPPINGS = ROOT / "mappings"
@@ -145,3 +147,11 @@ def ack_fields(ack: bytes) -> dict[str, list[str]]:
             fields.insert(1, "|")
         segments[fields[0]] = fields
     return segments
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer]:
+    """The real FHIR server (Medplum's engine, in memory) on loopback for the whole session; fails loudly if it cannot start."""
+    server = FhirServer(tmp_path_factory.mktemp("fhir-server") / "server.log")
+    yield server
+    server.stop()
