@@ -9,23 +9,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import structlog
 
+from adapter import metrics
 from adapter.audit.keys import AuditKeys
-from adapter.errors import AckCode, InboundError, MappingError, StoreUnavailable, UnsupportedMessage
+from adapter.errors import AckCode, InboundError, StoreUnavailable, UnsupportedMessage
 from adapter.hl7.ack import InboundHeader, build_ack
 from adapter.hl7.message import Hl7Message
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
-from adapter.mapping.functions import NHS_NUMBER_SYSTEM, MapContext, datetime_
+from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
+from adapter.visits import visit_and_time
 
 log = structlog.get_logger("homeward.intake")
 
@@ -89,12 +90,13 @@ class Intake:
             outcome = await self._refuse(record, internal, bound)
             code = AckCode.ERROR
             ack = build_ack(header, code, error_code="207", text=internal.reason)
-        bound.info(
-            "message.acked",
-            ack_code=code.value,
-            outcome=outcome,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        elapsed = time.perf_counter() - started
+        event = record.event or "unknown"
+        metrics.RECEIVED.labels(event).inc()
+        metrics.ACKED.labels(event, code.value).inc()
+        metrics.ACK_LATENCY.observe(elapsed)
+        metrics.LAST_RECEIVED.set(record.received_at)
+        bound.info("message.acked", ack_code=code.value, outcome=outcome, duration_ms=round(elapsed * 1000, 3))
         return ack
 
     async def oversize(self, head: bytes, size: int, peer: str) -> bytes:
@@ -118,6 +120,9 @@ class Intake:
         exc = InboundError(reason)
         exc.ack_code = AckCode.REJECT
         await self._refuse(record, exc, bound)
+        metrics.RECEIVED.labels("unknown").inc()
+        metrics.ACKED.labels("unknown", AckCode.REJECT.value).inc()
+        metrics.LAST_RECEIVED.set(record.received_at)
         return build_ack(header, AckCode.REJECT, error_code="207", text=reason)
 
     async def incomplete(self, partial: bytes, peer: str, reason: str) -> None:
@@ -132,6 +137,7 @@ class Intake:
         )
         bound = log.bind(peer=peer, message_control_id=header.message_control_id, size=len(partial))
         bound.warning("mllp.frame_incomplete", reason=reason)
+        metrics.RECEIVED.labels("unknown").inc()
         try:
             await self.store.record(record, Outcome.REFUSED, "", f"incomplete frame: {reason}; not acknowledged")
         except StoreUnavailable:
@@ -148,11 +154,17 @@ class Intake:
         bundle = orjson.dumps(result.bundle)
         if self.audit_keys is not None:
             record = replace(record, patient_key=_patient_key(result.bundle, self.audit_keys))
-        visit_key, event_time = _visit_and_time(message, self.tz)
+        visit_key, event_time = visit_and_time(message, self.tz)
         deliveries = [
             Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
         ]
-        detail = {"resources": result.resource_count, "flags": result.flags, "targets": [DEFAULT_TARGET]}
+        detail = {
+            "ack_code": AckCode.ACCEPT.value,  # sent once this commit returns
+            "resources": result.resource_count,
+            "entries": _entry_ids(result.bundle),
+            "flags": result.flags,
+            "targets": [DEFAULT_TARGET],
+        }
         accepted = await self.store.accept(record, deliveries, detail)
         if accepted.duplicate:
             bound.info("message.duplicate", inbound_id=accepted.inbound_id)
@@ -211,27 +223,9 @@ def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
     )
 
 
-def _visit_and_time(message: Hl7Message, tz: ZoneInfo) -> tuple[str, float | None]:
-    """The stale-event rule's inputs: the visit (MSH-4 + PV1-19) and when the event happened (EVN-2, else MSH-7).
-
-    No visit number or no readable time: ("", None), and the rule does not apply to the message.
-    """
-    pv1 = message.segment("PV1")
-    visit = pv1.get(19) if pv1 is not None else ""
-    if not visit:
-        return "", None
-    evn = message.segment("EVN")
-    for location, value in (("EVN-2", evn.get(2) if evn is not None else ""), ("MSH-7", message.msh.get(7))):
-        if not value:
-            continue
-        try:
-            iso = datetime_(value, MapContext(message, None, location, tz, {}))
-        except MappingError:
-            continue
-        if iso:
-            when = datetime.fromisoformat(iso)
-            return f"{message.sending_facility}|{visit}", (when if when.tzinfo else when.replace(tzinfo=tz)).timestamp()
-    return "", None
+def _entry_ids(bundle: dict[str, Any]) -> list[str]:
+    """'Type fullUrl' of each mapped resource: ids, never the identifier values in request URLs."""
+    return [f"{e.get('resource', {}).get('resourceType', '')} {e.get('fullUrl', '')}" for e in bundle.get("entry", [])]
 
 
 def _patient_key(bundle: dict[str, Any], keys: AuditKeys) -> str:
