@@ -26,6 +26,7 @@ from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
+from adapter.visits import visit_and_time
 
 log = structlog.get_logger("homeward.intake")
 
@@ -160,7 +161,11 @@ class Intake:
             await self.store.record(record, Outcome.UNROUTED, "AA", reason)
             bound.warning("message.unrouted", reason=reason)
             return AckCode.ACCEPT, Outcome.UNROUTED.value
-        deliveries = [Delivery(name, result.ordering_key, bundle, result.resource_count) for name in route.targets]
+        visit_key, event_time = visit_and_time(message, self.tz)
+        deliveries = [
+            Delivery(name, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
+            for name in route.targets
+        ]
         detail = {
             "ack_code": AckCode.ACCEPT.value,  # sent once this commit returns
             "resources": result.resource_count,
