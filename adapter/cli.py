@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, check-config, audit."""
+"""The `homeward` command: serve, map, send, check-config, audit, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)
     audit_cli.add_parser(sub, with_config)
+    from adapter import cli_delivery
+
+    cli_delivery.add_parsers(sub, with_config, _settings)
     return parser
 
 
