@@ -13,7 +13,7 @@ from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
 from adapter.mllp.server import MllpServer
-from adapter.store.sqlite import SqliteStore
+from adapter.store import open_store
 from adapter.targets import DirectoryTarget, FhirTarget, Target
 
 log = structlog.get_logger("homeward.app")
@@ -41,7 +41,7 @@ class App:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
-        self.store = SqliteStore(settings.store.path, synchronous=settings.store.synchronous)
+        self.store = open_store(settings.store)
         self.targets = build_targets(settings)
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
@@ -75,7 +75,7 @@ class App:
         log.info(
             "homeward.started",
             version=__version__,
-            store=str(self.settings.store.path),
+            store="postgresql" if self.settings.store.url else str(self.settings.store.path),
             target=target_desc,
             events=sorted(self.mappings.messages),
         )

@@ -1,0 +1,399 @@
+"""The shared store: PostgreSQL, so several `homeward serve` instances can work one queue.
+
+Claims are row locks, not leases written into the row: `claim_due` takes each row with
+`FOR UPDATE SKIP LOCKED` in its own transaction and keeps that transaction open until the outcome
+is recorded. If an instance dies mid-send, PostgreSQL ends its session and the row is free at once;
+a live but stuck instance loses it after `idle_in_transaction_session_timeout` (the lease).
+Per-visit order holds across instances because outbox rows for one (target, ordering_key) are
+inserted under a transaction-scoped advisory lock, so their ids are in commit order; duplicates
+across instances meet the unique constraint on inbound.dedup_key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import psycopg
+
+from adapter.errors import StoreUnavailable
+from adapter.store.base import AcceptResult, Delivery, InboundRecord, OutboxItem, Outcome
+
+SCHEMA_VERSION = 1
+
+# Statements of schema version 1; `migrate` runs them under an advisory lock, so two instances
+# starting together cannot race on CREATE TABLE.
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS homeward_schema (version integer NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS inbound (
+        id                 bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        received_at        double precision NOT NULL,
+        peer               text NOT NULL DEFAULT '',
+        sending_facility   text NOT NULL DEFAULT '',
+        message_control_id text NOT NULL DEFAULT '',
+        event              text NOT NULL DEFAULT '',
+        size               integer NOT NULL,
+        sha256             text NOT NULL,
+        raw                bytea,
+        outcome            text NOT NULL,
+        ack_code           text NOT NULL,
+        reason             text NOT NULL DEFAULT '',
+        -- MSH-4|MSH-10 of accepted messages only; a resend to any instance collides here.
+        dedup_key          text UNIQUE
+    )""",
+    """CREATE INDEX IF NOT EXISTS inbound_control_id ON inbound (message_control_id)""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        inbound_id      bigint NOT NULL REFERENCES inbound (id),
+        target          text NOT NULL,
+        ordering_key    text NOT NULL,
+        bundle          bytea NOT NULL,
+        state           text NOT NULL DEFAULT 'pending',
+        attempts        integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL,
+        claimed_until   double precision NOT NULL DEFAULT 0,
+        created_at      double precision NOT NULL,
+        delivered_at    double precision,
+        last_error      text NOT NULL DEFAULT ''
+    )""",
+    """CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending'""",
+    """CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, id) WHERE state = 'pending'""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at          double precision NOT NULL,
+        inbound_id  bigint,
+        outbox_id   bigint,
+        stage       text NOT NULL,
+        detail      text NOT NULL DEFAULT '{}'
+    )""",
+    """CREATE INDEX IF NOT EXISTS audit_inbound ON audit (inbound_id)""",
+]
+_MIGRATION_LOCK = 0x486F6D65  # "Home": one migration at a time per database
+
+# The oldest pending row of each (target, ordering_key), and only if no other session holds it.
+# A row being sent stays 'pending' and locked, so it both hides itself and holds back its successors.
+CLAIM_SQL = """
+SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
+       i.sending_facility, i.message_control_id, i.event
+FROM outbox o JOIN inbound i ON i.id = o.inbound_id
+WHERE o.state = 'pending' AND o.next_attempt_at <= %s
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox p
+      WHERE p.target = o.target AND p.ordering_key = o.ordering_key AND p.state = 'pending' AND p.id < o.id)
+ORDER BY o.id
+LIMIT 1
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+
+def migrate(url: str) -> int:
+    """Create or bring the schema up to date; return the schema version. Safe to run concurrently."""
+    try:
+        with psycopg.connect(url, autocommit=False) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            for statement in SCHEMA:
+                conn.execute(statement)
+            row = conn.execute("SELECT max(version) FROM homeward_schema").fetchone()
+            if row is None or row[0] is None:
+                conn.execute("INSERT INTO homeward_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            conn.commit()
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot migrate the PostgreSQL store ({type(exc).__name__}: {exc})") from exc
+    return SCHEMA_VERSION
+
+
+class PostgresStore:
+    """Store over one PostgreSQL database; callable from the event loop, shared by several processes."""
+
+    def __init__(self, url: str, *, max_connections: int = 8, lease_seconds: float = 120.0):
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._claims: dict[int, psycopg.Connection[Any]] = {}
+        self._idle_claim_conns: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="pg-store")
+        self._closed = False
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        try:
+            with psycopg.connect(self.url, connect_timeout=10) as conn:
+                row = conn.execute("SELECT max(version) FROM homeward_schema").fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot reach the PostgreSQL store ({type(exc).__name__})") from exc
+        if row is None or row[0] != SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the PostgreSQL store has schema {row[0] if row else None}, not {SCHEMA_VERSION}: run `homeward migrate`"
+            )
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _connect(self, lease: bool = False) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.url, connect_timeout=10)
+        if lease:
+            # A claim open longer than the lease means a stuck instance: PostgreSQL ends the session.
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (f"{int(self.lease_seconds * 1000)}",),
+            )
+            conn.commit()
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _thread_conn(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    async def _run(self, op: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """Run `op(conn)` in one committed transaction on a worker thread."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+
+        def job() -> Any:
+            try:
+                conn = self._thread_conn()
+                with conn.transaction():
+                    return op(conn)
+            except psycopg.Error as exc:
+                raise StoreUnavailable(f"the store could not commit ({type(exc).__name__})") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    def close(self) -> None:
+        """Roll back open claims (their rows become claimable again) and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    # -- intake -------------------------------------------------------------------------------
+
+    async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
+        def op(conn: psycopg.Connection[Any]) -> AcceptResult:
+            # Lock each visit's queue before its rows get ids, so ids follow commit order per visit.
+            for key in sorted({f"{d.target}|{d.ordering_key}" for d in deliveries}):
+                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+            inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True)
+            if inbound_id is None:
+                original = conn.execute("SELECT id FROM inbound WHERE dedup_key = %s", (record.dedup_key,)).fetchone()
+                dup_id = _insert_inbound(conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message")
+                _audit(conn, dup_id, None, "duplicate", {"original_inbound_id": original[0] if original else None})
+                assert dup_id is not None
+                return AcceptResult(dup_id, True)
+            _audit(conn, inbound_id, None, "received", _received_detail(record))
+            ids = []
+            for d in deliveries:
+                row = conn.execute(
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                    (inbound_id, d.target, d.ordering_key, d.bundle, record.received_at, record.received_at),
+                ).fetchone()
+                assert row is not None
+                ids.append(row[0])
+                _audit(conn, inbound_id, row[0], "queued", {"target": d.target, "resources": d.resource_count})
+            _audit(conn, inbound_id, None, "accepted", detail)
+            return AcceptResult(inbound_id, False, tuple(ids))
+
+        return await self._run(op)  # type: ignore[no-any-return]
+
+    async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
+        def op(conn: psycopg.Connection[Any]) -> int:
+            inbound_id = _insert_inbound(conn, record, outcome, ack_code, reason)
+            _audit(conn, inbound_id, None, "received", _received_detail(record))
+            _audit(conn, inbound_id, None, outcome.value, {"ack_code": ack_code, "reason": reason})
+            assert inbound_id is not None
+            return inbound_id
+
+        return await self._run(op)  # type: ignore[no-any-return]
+
+    # -- the forwarder ------------------------------------------------------------------------
+
+    async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Claim up to `limit` rows, each held by its own open transaction until its outcome is recorded."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._claim, now, limit)
+
+    def _claim(self, now: float, limit: int) -> list[OutboxItem]:
+        items: list[OutboxItem] = []
+        for _ in range(limit):
+            conn = self._claim_conn()
+            try:
+                row = conn.execute(CLAIM_SQL, (now,)).fetchone()
+            except psycopg.Error as exc:
+                conn.close()
+                if items:
+                    break
+                raise StoreUnavailable(f"the store could not claim ({type(exc).__name__})") from exc
+            if row is None:
+                conn.rollback()
+                self._release_claim_conn(conn)
+                break
+            item = _item(row)
+            with self._lock:
+                self._claims[item.id] = conn
+            items.append(item)
+        return items
+
+    def _claim_conn(self) -> psycopg.Connection[Any]:
+        with self._lock:
+            while self._idle_claim_conns:
+                conn = self._idle_claim_conns.pop()
+                if not conn.closed and not conn.broken:
+                    return conn
+        return self._connect(lease=True)
+
+    def _release_claim_conn(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            if not conn.closed and not conn.broken:
+                self._idle_claim_conns.append(conn)
+
+    async def _finish(self, item: OutboxItem, sql: str, params: tuple[Any, ...], stage: str, detail: Any) -> None:
+        """Record an outcome in the transaction that holds the claim, and commit it (releasing the row)."""
+        with self._lock:
+            conn = self._claims.pop(item.id, None)
+        if conn is None:  # not claimed here (a test, a tool): a transaction of its own
+            await self._run(lambda c: _apply(c, item, sql, params, stage, detail))
+            return
+
+        def job() -> None:
+            try:
+                _apply(conn, item, sql, params, stage, detail)
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.close()
+                raise StoreUnavailable(f"the store could not record the outcome ({type(exc).__name__})") from exc
+            self._release_claim_conn(conn)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
+        await self._finish(
+            item,
+            "UPDATE outbox SET state = 'delivered', delivered_at = %s, attempts = attempts + 1, last_error = ''"
+            " WHERE id = %s",
+            (now, item.id),
+            "delivered",
+            detail,
+        )
+
+    async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
+        await self._finish(
+            item,
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s WHERE id = %s",
+            (next_attempt_at, reason, item.id),
+            "retry_scheduled",
+            detail,
+        )
+
+    async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        await self._finish(
+            item,
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = %s WHERE id = %s",
+            (reason, item.id),
+            "dead_lettered",
+            detail,
+        )
+
+    # -- reading (CLI, tests) -----------------------------------------------------------------
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read with a connection of its own (%s placeholders)."""
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def pending_count(self) -> int:
+        return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
+
+
+def _apply(
+    conn: psycopg.Connection[Any], item: OutboxItem, sql: str, params: tuple[Any, ...], stage: str, detail: Any
+) -> None:
+    conn.execute(sql, params)
+    _audit(conn, item.inbound_id, item.id, stage, detail)
+
+
+def _item(row: tuple[Any, ...]) -> OutboxItem:
+    return OutboxItem(
+        id=row[0],
+        inbound_id=row[1],
+        target=row[2],
+        ordering_key=row[3],
+        bundle=bytes(row[4]),
+        attempts=row[5],
+        created_at=row[6],
+        sending_facility=row[7],
+        message_control_id=row[8],
+        event=row[9],
+    )
+
+
+def _insert_inbound(
+    conn: psycopg.Connection[Any],
+    record: InboundRecord,
+    outcome: Outcome,
+    ack_code: str,
+    reason: str,
+    *,
+    dedup: bool = False,
+) -> int | None:
+    """Insert one inbound row; with `dedup`, None when an accepted message already has its key."""
+    conflict = " ON CONFLICT (dedup_key) DO NOTHING" if dedup else ""
+    row = conn.execute(
+        "INSERT INTO inbound (received_at, peer, sending_facility, message_control_id, event, size, sha256, raw,"
+        " outcome, ack_code, reason, dedup_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        f"{conflict} RETURNING id",
+        (
+            record.received_at or time.time(),
+            record.peer,
+            record.sending_facility,
+            record.message_control_id,
+            record.event,
+            len(record.raw),
+            hashlib.sha256(record.raw).hexdigest(),
+            record.raw,
+            outcome.value,
+            ack_code,
+            reason,
+            record.dedup_key if dedup else None,
+        ),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _received_detail(record: InboundRecord) -> dict[str, Any]:
+    return {
+        "peer": record.peer,
+        "sending_facility": record.sending_facility,
+        "message_control_id": record.message_control_id,
+        "event": record.event,
+        "size": len(record.raw),
+        "sha256": hashlib.sha256(record.raw).hexdigest(),
+    }
+
+
+def _audit(
+    conn: psycopg.Connection[Any], inbound_id: int | None, outbox_id: int | None, stage: str, detail: Any
+) -> None:
+    conn.execute(
+        "INSERT INTO audit (at, inbound_id, outbox_id, stage, detail) VALUES (%s, %s, %s, %s, %s)",
+        (time.time(), inbound_id, outbox_id, stage, orjson.dumps(detail).decode()),
+    )
