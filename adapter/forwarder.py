@@ -133,6 +133,11 @@ class Forwarder:
             attempt=item.attempts + 1,
         )
         target = self.targets.get(item.target)
+        stale = await self._stale(item)
+        if stale is not None:
+            await self.store.mark_stale(item, self.clock(), stale, {"target": item.target})
+            bound.warning("message.stale", reason=stale)
+            return
         try:
             if target is None:
                 raise RetryableDelivery(f"no target named '{item.target}' is configured")
@@ -152,6 +157,18 @@ class Forwarder:
             age_ms=round((self.clock() - item.created_at) * 1000, 1),
         )
 
+    async def _stale(self, item: OutboxItem) -> str | None:
+        """The stale-event rule: an event older than one already delivered for its visit is not sent.
+
+        Rows of one patient go one at a time, so nothing for this visit is in flight beside it.
+        """
+        if not item.visit_key or item.event_time is None:
+            return None
+        latest = await self.store.latest_applied(item.target, item.visit_key)
+        if latest is None or item.event_time >= latest:
+            return None
+        return f"event time {item.event_time:.0f} is older than {latest:.0f}, already delivered for this visit"
+
     async def _failed(self, item: OutboxItem, exc: DeliveryError, bound: Any) -> None:
         attempts = item.attempts + 1
         now = self.clock()
@@ -162,7 +179,11 @@ class Forwarder:
             "attempt": attempts,
             "outcome": exc.outcome,
         }
-        give_up = "permanent error" if not exc.retryable else self.policy.gives_up(attempts, now - item.created_at)
+        give_up = (
+            "permanent error"
+            if not exc.retryable
+            else self.policy.gives_up(attempts, now - (item.queued_at or item.created_at))
+        )
         if give_up is not None:
             reason = f"{exc.reason} ({give_up})"
             await self.store.dead_letter(item, now, reason, detail)

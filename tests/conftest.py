@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fhir_server import FhirServer
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 MAPPINGS = ROOT / "mappings"
@@ -182,15 +184,36 @@ def postgres_server() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A URL whose search_path is a fresh schema of its own, dropped after the test."""
+def new_schema(server_url: str) -> str:
+    """Create a fresh schema and return a URL whose search_path is it."""
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
+    with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    joiner = "&" if "?" in postgres_server else "?"
-    yield f"{postgres_server}{joiner}options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    joiner = "&" if "?" in server_url else "?"
+    return f"{server_url}{joiner}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(url: str) -> None:
+    import psycopg
+
+    base, _, schema = url.rpartition("options=-csearch_path%3D")
+    with psycopg.connect(base.rstrip("?&"), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema of its own, dropped after the test."""
+    url = new_schema(postgres_server)
+    yield url
+    drop_schema(url)
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer]:
+    """The real FHIR server (Medplum's engine, in memory) on loopback for the whole session; fails loudly if it cannot start."""
+    server = FhirServer(tmp_path_factory.mktemp("fhir-server") / "server.log")
+    yield server
+    server.stop()

@@ -21,7 +21,9 @@ class DeliveryState(StrEnum):
 
     PENDING = "pending"
     DELIVERED = "delivered"
-    DEAD = "dead"
+    DEAD = "dead"  # in the dead letters: waits for a person (retry or discard)
+    DISCARDED = "discarded"  # a dead letter a person chose not to deliver; kept, never sent
+    STALE = "stale"  # not sent: older (EVN-2/MSH-7) than what was already applied for its visit
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,10 @@ class Delivery:
     ordering_key: str
     bundle: bytes  # FHIR JSON, exactly as it will be sent
     resource_count: int = 0
+    # The stale-event rule: a row whose event_time is older than the newest one already delivered
+    # for the same (target, visit_key) is not sent. Empty visit_key or None event_time: no check.
+    visit_key: str = ""
+    event_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,53 @@ class OutboxItem:
     sending_facility: str = ""
     message_control_id: str = ""
     event: str = ""
+    # When the current run of attempts began (arrival, or a manual retry/replay): the age limit counts from here.
+    queued_at: float = 0.0
+    visit_key: str = ""
+    event_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: float
+    inbound_id: int | None
+    outbox_id: int | None
+    stage: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """An outbox row as the dead-letters and replay commands show it (no bundle, no raw message)."""
+
+    id: int
+    inbound_id: int
+    target: str
+    ordering_key: str
+    state: DeliveryState
+    attempts: int
+    created_at: float
+    queued_at: float
+    next_attempt_at: float
+    delivered_at: float | None
+    last_error: str
+    # The server's OperationOutcome (JSON text) from the last failed attempt, if it sent one.
+    last_outcome: str | None
+    sending_facility: str
+    message_control_id: str
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who did a manual action, and why: written into its audit record."""
+
+    who: str
+    why: str = ""
+
+    def detail(self) -> dict[str, str]:
+        return {"actor": self.who, "why": self.why}
 
 
 class Store(Protocol):
@@ -102,6 +154,54 @@ class Store(Protocol):
         self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]
     ) -> None: ...
 
-    async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None: ...
+    async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        """Move a row to the dead letters; `detail["outcome"]` (OperationOutcome text) is kept as last_outcome."""
+        ...
+
+    async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        """Close a row without sending it: the stale-event rule refused it."""
+        ...
+
+    async def latest_applied(self, target: str, visit_key: str) -> float | None:
+        """The newest event_time delivered to `target` for `visit_key` (None if none)."""
+        ...
+
+    # -- people: the dead-letters and replay commands; every action is audited with the Actor --
+
+    async def list_deliveries(
+        self, state: DeliveryState | None = DeliveryState.DEAD, limit: int = 100
+    ) -> list[DeliveryRecord]:
+        """Outbox rows in `state` (None: all), oldest first."""
+        ...
+
+    async def get_delivery(self, outbox_id: int) -> DeliveryRecord | None: ...
+
+    async def retry_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        """A dead letter back to pending, attempts and age reset; False if it is not a dead letter."""
+        ...
+
+    async def discard_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        """A dead letter to discarded (kept, never sent); False if it is not a dead letter."""
+        ...
+
+    async def replay(
+        self,
+        now: float,
+        actor: Actor,
+        *,
+        control_id: str | None = None,
+        since: float | None = None,
+        target: str | None = None,
+    ) -> list[int]:
+        """Queue again every delivered row matching MSH-10 `control_id` or received at/after `since`.
+
+        Each becomes a new pending row (the delivered one keeps its history), in arrival order.
+        Returns the new outbox ids.
+        """
+        ...
+
+    async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
+        """Audit records for an inbound message or an outbox row, oldest first."""
+        ...
 
     def close(self) -> None: ...

@@ -12,6 +12,7 @@ across instances meet the unique constraint on inbound.dedup_key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -23,7 +24,17 @@ import orjson
 import psycopg
 
 from adapter.errors import StoreUnavailable
-from adapter.store.base import AcceptResult, Delivery, InboundRecord, OutboxItem, Outcome
+from adapter.store.base import (
+    AcceptResult,
+    Actor,
+    AuditEntry,
+    Delivery,
+    DeliveryRecord,
+    DeliveryState,
+    InboundRecord,
+    OutboxItem,
+    Outcome,
+)
 
 SCHEMA_VERSION = 1
 
@@ -60,10 +71,18 @@ SCHEMA = [
         claimed_until   double precision NOT NULL DEFAULT 0,
         created_at      double precision NOT NULL,
         delivered_at    double precision,
-        last_error      text NOT NULL DEFAULT ''
+        last_error      text NOT NULL DEFAULT '',
+        -- The age limit counts from here: arrival, or the last manual retry / replay.
+        queued_at       double precision NOT NULL DEFAULT 0,
+        -- The server's OperationOutcome from the last failed attempt (JSON text), for the dead letters.
+        last_outcome    text,
+        -- The stale-event rule: EVN-2 (else MSH-7) as epoch seconds, per visit.
+        visit_key       text NOT NULL DEFAULT '',
+        event_time      double precision
     )""",
     """CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending'""",
     """CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, id) WHERE state = 'pending'""",
+    """CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state)""",
     """CREATE TABLE IF NOT EXISTS audit (
         id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         at          double precision NOT NULL,
@@ -80,7 +99,7 @@ _MIGRATION_LOCK = 0x486F6D65  # "Home": one migration at a time per database
 # A row being sent stays 'pending' and locked, so it both hides itself and holds back its successors.
 CLAIM_SQL = """
 SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
-       i.sending_facility, i.message_control_id, i.event
+       i.sending_facility, i.message_control_id, i.event, o.queued_at, o.visit_key, o.event_time
 FROM outbox o JOIN inbound i ON i.id = o.inbound_id
 WHERE o.state = 'pending' AND o.next_attempt_at <= %s
   AND NOT EXISTS (
@@ -116,7 +135,8 @@ class PostgresStore:
         self.lease_seconds = lease_seconds
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
-        self._claims: dict[int, psycopg.Connection[Any]] = {}
+        # outbox id -> (the connection whose open transaction holds the row lock, lease end by the caller's clock)
+        self._claims: dict[int, tuple[psycopg.Connection[Any], float]] = {}
         self._idle_claim_conns: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="pg-store")
@@ -181,16 +201,20 @@ class PostgresStore:
         self._executor.shutdown(wait=True)
         with self._lock:
             for conn in self._all:
+                # Roll back first (waiting for the server), so the rows are claimable the moment close returns.
+                with contextlib.suppress(psycopg.Error):
+                    if not conn.closed and not conn.broken:
+                        conn.rollback()
                 conn.close()
             self._all.clear()
+            self._claims.clear()
 
     # -- intake -------------------------------------------------------------------------------
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
         def op(conn: psycopg.Connection[Any]) -> AcceptResult:
             # Lock each visit's queue before its rows get ids, so ids follow commit order per visit.
-            for key in sorted({f"{d.target}|{d.ordering_key}" for d in deliveries}):
-                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+            _lock_queues(conn, [(d.target, d.ordering_key) for d in deliveries])
             inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True)
             if inbound_id is None:
                 original = conn.execute("SELECT id FROM inbound WHERE dedup_key = %s", (record.dedup_key,)).fetchone()
@@ -201,10 +225,11 @@ class PostgresStore:
             _audit(conn, inbound_id, None, "received", _received_detail(record))
             ids = []
             for d in deliveries:
+                at = record.received_at
                 row = conn.execute(
-                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                    (inbound_id, d.target, d.ordering_key, d.bundle, record.received_at, record.received_at),
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at,"
+                    " queued_at, visit_key, event_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (inbound_id, d.target, d.ordering_key, d.bundle, at, at, at, d.visit_key, d.event_time),
                 ).fetchone()
                 assert row is not None
                 ids.append(row[0])
@@ -230,9 +255,10 @@ class PostgresStore:
         """Claim up to `limit` rows, each held by its own open transaction until its outcome is recorded."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._claim, now, limit)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._claim, now, limit, lease_seconds)
 
-    def _claim(self, now: float, limit: int) -> list[OutboxItem]:
+    def _claim(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        self._expire_leases(now)
         items: list[OutboxItem] = []
         for _ in range(limit):
             conn = self._claim_conn()
@@ -249,9 +275,22 @@ class PostgresStore:
                 break
             item = _item(row)
             with self._lock:
-                self._claims[item.id] = conn
+                self._claims[item.id] = (conn, now + lease_seconds)
             items.append(item)
         return items
+
+    def _expire_leases(self, now: float) -> None:
+        """Let go of this instance's claims whose lease has run out (a send that never reported back)."""
+        with self._lock:
+            expired = [(oid, held[0]) for oid, held in self._claims.items() if held[1] <= now]
+            for oid, _ in expired:
+                del self._claims[oid]
+        for _, conn in expired:
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                conn.close()
+            self._release_claim_conn(conn)
 
     def _claim_conn(self) -> psycopg.Connection[Any]:
         with self._lock:
@@ -269,10 +308,11 @@ class PostgresStore:
     async def _finish(self, item: OutboxItem, sql: str, params: tuple[Any, ...], stage: str, detail: Any) -> None:
         """Record an outcome in the transaction that holds the claim, and commit it (releasing the row)."""
         with self._lock:
-            conn = self._claims.pop(item.id, None)
-        if conn is None:  # not claimed here (a test, a tool): a transaction of its own
+            held = self._claims.pop(item.id, None)
+        if held is None:  # not claimed here, or its lease ran out: a transaction of its own
             await self._run(lambda c: _apply(c, item, sql, params, stage, detail))
             return
+        conn = held[0]
 
         def job() -> None:
             try:
@@ -298,8 +338,9 @@ class PostgresStore:
     async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
         await self._finish(
             item,
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s WHERE id = %s",
-            (next_attempt_at, reason, item.id),
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s, last_outcome = %s"
+            " WHERE id = %s",
+            (next_attempt_at, reason, detail.get("outcome"), item.id),
             "retry_scheduled",
             detail,
         )
@@ -307,11 +348,124 @@ class PostgresStore:
     async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
         await self._finish(
             item,
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = %s WHERE id = %s",
-            (reason, item.id),
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = %s, last_outcome = %s"
+            " WHERE id = %s",
+            (reason, detail.get("outcome"), item.id),
             "dead_lettered",
-            detail,
+            {**detail, "reason": reason},
         )
+
+    async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        await self._finish(
+            item,
+            "UPDATE outbox SET state = 'stale', last_error = %s WHERE id = %s",
+            (reason, item.id),
+            "stale",
+            {**detail, "reason": reason},
+        )
+
+    async def latest_applied(self, target: str, visit_key: str) -> float | None:
+        rows = await self._read(
+            "SELECT max(event_time) FROM outbox WHERE target = %s AND visit_key = %s AND state = 'delivered'",
+            (target, visit_key),
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    # -- people: dead letters and replay ------------------------------------------------------
+
+    async def list_deliveries(
+        self, state: DeliveryState | None = DeliveryState.DEAD, limit: int = 100
+    ) -> list[DeliveryRecord]:
+        where, params = ("WHERE o.state = %s", (state.value,)) if state is not None else ("", ())
+        rows = await self._read(f"{RECORD_SQL} {where} ORDER BY o.id LIMIT %s", (*params, limit))
+        return [_record(row) for row in rows]
+
+    async def get_delivery(self, outbox_id: int) -> DeliveryRecord | None:
+        rows = await self._read(f"{RECORD_SQL} WHERE o.id = %s", (outbox_id,))
+        return _record(rows[0]) if rows else None
+
+    async def retry_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        def op(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = %s, queued_at = %s"
+                " WHERE id = %s AND state = 'dead' RETURNING inbound_id",
+                (now, now, outbox_id),
+            ).fetchone()
+            if row is None:
+                return False
+            _audit(conn, row[0], outbox_id, "dead_letter_retried", actor.detail())
+            return True
+
+        return await self._run(op)  # type: ignore[no-any-return]
+
+    async def discard_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        def op(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "UPDATE outbox SET state = 'discarded' WHERE id = %s AND state = 'dead' RETURNING inbound_id",
+                (outbox_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            _audit(conn, row[0], outbox_id, "dead_letter_discarded", actor.detail())
+            return True
+
+        return await self._run(op)  # type: ignore[no-any-return]
+
+    async def replay(
+        self,
+        now: float,
+        actor: Actor,
+        *,
+        control_id: str | None = None,
+        since: float | None = None,
+        target: str | None = None,
+    ) -> list[int]:
+        if control_id is None and since is None:
+            raise ValueError("replay needs a control id or a start time")
+        clauses = ["o.state = 'delivered'"]
+        params: list[Any] = []
+        for clause, value in (("i.message_control_id = %s", control_id), ("i.received_at >= %s", since)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        if target is not None:
+            clauses.append("o.target = %s")
+            params.append(target)
+
+        def op(conn: psycopg.Connection[Any]) -> list[int]:
+            rows = conn.execute(
+                "SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.visit_key FROM outbox o"
+                f" JOIN inbound i ON i.id = o.inbound_id WHERE {' AND '.join(clauses)} ORDER BY o.id",
+                params,
+            ).fetchall()
+            _lock_queues(conn, [(row[2], row[3]) for row in rows])
+            new_ids = []
+            for old_id, inbound_id, row_target, ordering_key, bundle, visit_key in rows:
+                # event_time stays NULL: a replay re-applies history in arrival order, so the stale rule
+                # (meant for events that arrive late) must not skip it.
+                new = conn.execute(
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at,"
+                    " queued_at, visit_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (inbound_id, row_target, ordering_key, bundle, now, now, now, visit_key),
+                ).fetchone()
+                assert new is not None
+                new_ids.append(int(new[0]))
+                _audit(conn, inbound_id, new[0], "replayed", {**actor.detail(), "replay_of": old_id})
+            return new_ids
+
+        return await self._run(op)  # type: ignore[no-any-return]
+
+    async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
+        if inbound_id is None and outbox_id is None:
+            raise ValueError("audit_trail needs an inbound id or an outbox id")
+        column, value = ("inbound_id", inbound_id) if inbound_id is not None else ("outbox_id", outbox_id)
+        rows = await self._read(
+            f"SELECT at, inbound_id, outbox_id, stage, detail FROM audit WHERE {column} = %s ORDER BY id", (value,)
+        )
+        return [AuditEntry(row[0], row[1], row[2], row[3], orjson.loads(row[4])) for row in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return await self._run(lambda conn: conn.execute(sql, params).fetchall())  # type: ignore[no-any-return]
 
     # -- reading (CLI, tests) -----------------------------------------------------------------
 
@@ -322,6 +476,43 @@ class PostgresStore:
 
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
+
+
+RECORD_SQL = """
+SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.state, o.attempts, o.created_at, o.queued_at,
+       o.next_attempt_at, o.delivered_at, o.last_error, o.last_outcome,
+       i.sending_facility, i.message_control_id, i.event
+FROM outbox o JOIN inbound i ON i.id = o.inbound_id
+"""
+
+
+def _record(row: tuple[Any, ...]) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row[0],
+        inbound_id=row[1],
+        target=row[2],
+        ordering_key=row[3],
+        state=DeliveryState(row[4]),
+        attempts=row[5],
+        created_at=row[6],
+        queued_at=row[7] or row[6],
+        next_attempt_at=row[8],
+        delivered_at=row[9],
+        last_error=row[10],
+        last_outcome=row[11],
+        sending_facility=row[12],
+        message_control_id=row[13],
+        event=row[14],
+    )
+
+
+def _lock_queues(conn: psycopg.Connection[Any], keys: list[tuple[str, str]]) -> None:
+    """Lock each (target, ordering_key) queue before its rows get ids, so ids follow commit order per visit.
+
+    Sorted, so two transactions locking the same queues cannot deadlock.
+    """
+    for key in sorted({f"{target}|{ordering_key}" for target, ordering_key in keys}):
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
 
 def _apply(
@@ -343,6 +534,9 @@ def _item(row: tuple[Any, ...]) -> OutboxItem:
         sending_facility=row[7],
         message_control_id=row[8],
         event=row[9],
+        queued_at=row[10] or row[6],
+        visit_key=row[11],
+        event_time=row[12],
     )
 
 

@@ -24,7 +24,10 @@ import orjson
 from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
+    Actor,
+    AuditEntry,
     Delivery,
+    DeliveryRecord,
     DeliveryState,
     InboundRecord,
     OutboxItem,
@@ -64,10 +67,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     claimed_until   REAL NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     delivered_at    REAL,
-    last_error      TEXT NOT NULL DEFAULT ''
+    last_error      TEXT NOT NULL DEFAULT '',
+    -- The age limit counts from here: arrival, or the last manual retry / replay.
+    queued_at       REAL NOT NULL DEFAULT 0,
+    -- The server's OperationOutcome from the last failed attempt (JSON text), for the dead letters.
+    last_outcome    TEXT,
+    -- The stale-event rule: EVN-2 (else MSH-7) as epoch seconds, per visit.
+    visit_key       TEXT NOT NULL DEFAULT '',
+    event_time      REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, state, id);
+CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state);
 CREATE TABLE IF NOT EXISTS audit (
     id                 INTEGER PRIMARY KEY,
     at                 REAL NOT NULL,
@@ -87,15 +98,17 @@ _MAX_GROUP = 256
 class SqliteStore:
     """Store over one SQLite file; safe to call from the event loop and from other threads."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL"):
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", release_claims: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
-        # A crash leaves claims behind; this process is the file's only writer, so release them.
-        self._conn.execute("UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0")
+        if release_claims:
+            # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
+            # (The CLI opens the file beside a running server and passes release_claims=False.)
+            self._conn.execute("UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0")
         self._conn.commit()
         self._thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -191,9 +204,19 @@ class SqliteStore:
             ids = []
             for d in deliveries:
                 cur = conn.execute(
-                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (inbound_id, d.target, d.ordering_key, d.bundle, record.received_at, record.received_at),
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at,"
+                    " queued_at, visit_key, event_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        inbound_id,
+                        d.target,
+                        d.ordering_key,
+                        d.bundle,
+                        record.received_at,
+                        record.received_at,
+                        record.received_at,
+                        d.visit_key,
+                        d.event_time,
+                    ),
                 )
                 assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
@@ -252,9 +275,9 @@ class SqliteStore:
     async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?"
-                " WHERE id = ?",
-                (next_attempt_at, reason, item.id),
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?,"
+                " last_outcome = ? WHERE id = ?",
+                (next_attempt_at, reason, detail.get("outcome"), item.id),
             )
             _audit(conn, item.inbound_id, item.id, "retry_scheduled", detail)
 
@@ -263,13 +286,129 @@ class SqliteStore:
     async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?"
-                " WHERE id = ?",
-                (reason, item.id),
+                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?,"
+                " last_outcome = ? WHERE id = ?",
+                (reason, detail.get("outcome"), item.id),
             )
-            _audit(conn, item.inbound_id, item.id, "dead_lettered", detail)
+            _audit(conn, item.inbound_id, item.id, "dead_lettered", {**detail, "reason": reason})
 
         await self._guarded(op)
+
+    async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = 'stale', claimed_until = 0, last_error = ? WHERE id = ?",
+                (reason, item.id),
+            )
+            _audit(conn, item.inbound_id, item.id, "stale", {**detail, "reason": reason})
+
+        await self._guarded(op)
+
+    async def latest_applied(self, target: str, visit_key: str) -> float | None:
+        rows = await self._read(
+            "SELECT max(event_time) FROM outbox WHERE target = ? AND visit_key = ? AND state = 'delivered'",
+            (target, visit_key),
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    # -- people: dead letters and replay ---------------------------------------------------
+
+    async def list_deliveries(
+        self, state: DeliveryState | None = DeliveryState.DEAD, limit: int = 100
+    ) -> list[DeliveryRecord]:
+        where, params = ("WHERE o.state = ?", (state.value,)) if state is not None else ("", ())
+        rows = await self._read(f"{RECORD_SQL} {where} ORDER BY o.id LIMIT ?", (*params, limit))
+        return [_record(row) for row in rows]
+
+    async def get_delivery(self, outbox_id: int) -> DeliveryRecord | None:
+        rows = await self._read(f"{RECORD_SQL} WHERE o.id = ?", (outbox_id,))
+        return _record(rows[0]) if rows else None
+
+    async def retry_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT inbound_id FROM outbox WHERE id = ? AND state = 'dead'", (outbox_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, queued_at = ?,"
+                " claimed_until = 0 WHERE id = ?",
+                (now, now, outbox_id),
+            )
+            _audit(conn, row[0], outbox_id, "dead_letter_retried", actor.detail())
+            return True
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def discard_dead(self, outbox_id: int, now: float, actor: Actor) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT inbound_id FROM outbox WHERE id = ? AND state = 'dead'", (outbox_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE outbox SET state = 'discarded' WHERE id = ?", (outbox_id,))
+            _audit(conn, row[0], outbox_id, "dead_letter_discarded", actor.detail())
+            return True
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def replay(
+        self,
+        now: float,
+        actor: Actor,
+        *,
+        control_id: str | None = None,
+        since: float | None = None,
+        target: str | None = None,
+    ) -> list[int]:
+        if control_id is None and since is None:
+            raise ValueError("replay needs a control id or a start time")
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            clauses = ["o.state = 'delivered'"]
+            params: list[Any] = []
+            if control_id is not None:
+                clauses.append("i.message_control_id = ?")
+                params.append(control_id)
+            if since is not None:
+                clauses.append("i.received_at >= ?")
+                params.append(since)
+            if target is not None:
+                clauses.append("o.target = ?")
+                params.append(target)
+            rows = conn.execute(
+                "SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.visit_key FROM outbox o"
+                f" JOIN inbound i ON i.id = o.inbound_id WHERE {' AND '.join(clauses)} ORDER BY o.id",
+                params,
+            ).fetchall()
+            new_ids = []
+            for old_id, inbound_id, row_target, ordering_key, bundle, visit_key in rows:
+                # event_time stays NULL: a replay re-applies history in arrival order, so the stale rule
+                # (meant for events that arrive late) must not skip it.
+                cur = conn.execute(
+                    "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at,"
+                    " queued_at, visit_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (inbound_id, row_target, ordering_key, bundle, now, now, now, visit_key),
+                )
+                assert cur.lastrowid is not None
+                new_ids.append(cur.lastrowid)
+                _audit(conn, inbound_id, cur.lastrowid, "replayed", {**actor.detail(), "replay_of": old_id})
+            return new_ids
+
+        return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
+        if inbound_id is None and outbox_id is None:
+            raise ValueError("audit_trail needs an inbound id or an outbox id")
+        column, value = ("inbound_id", inbound_id) if inbound_id is not None else ("outbox_id", outbox_id)
+        rows = await self._read(
+            f"SELECT at, inbound_id, outbox_id, stage, detail FROM audit WHERE {column} = ? ORDER BY id", (value,)
+        )
+        return [AuditEntry(row[0], row[1], row[2], row[3], orjson.loads(row[4])) for row in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        try:
+            return await asyncio.to_thread(self.query, sql, params)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store could not be read ({type(exc).__name__})") from exc
 
     # -- reading (CLI, tests) --------------------------------------------------------------
 
@@ -290,7 +429,7 @@ class SqliteStore:
 # key is in flight: a retry of an A03 holds back the A13 that cancels it.
 CLAIM_SQL = f"""
 SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
-       i.sending_facility, i.message_control_id, i.event
+       i.sending_facility, i.message_control_id, i.event, o.queued_at, o.visit_key, o.event_time
 FROM outbox o JOIN inbound i ON i.id = o.inbound_id
 WHERE o.state = '{DeliveryState.PENDING}' AND o.next_attempt_at <= ? AND o.claimed_until <= ?
   AND NOT EXISTS (
@@ -314,6 +453,37 @@ def _item(row: tuple[Any, ...]) -> OutboxItem:
         sending_facility=row[7],
         message_control_id=row[8],
         event=row[9],
+        queued_at=row[10] or row[6],
+        visit_key=row[11],
+        event_time=row[12],
+    )
+
+
+RECORD_SQL = """
+SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.state, o.attempts, o.created_at, o.queued_at,
+       o.next_attempt_at, o.delivered_at, o.last_error, o.last_outcome,
+       i.sending_facility, i.message_control_id, i.event
+FROM outbox o JOIN inbound i ON i.id = o.inbound_id
+"""
+
+
+def _record(row: sqlite3.Row) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row[0],
+        inbound_id=row[1],
+        target=row[2],
+        ordering_key=row[3],
+        state=DeliveryState(row[4]),
+        attempts=row[5],
+        created_at=row[6],
+        queued_at=row[7] or row[6],
+        next_attempt_at=row[8],
+        delivered_at=row[9],
+        last_error=row[10],
+        last_outcome=row[11],
+        sending_facility=row[12],
+        message_control_id=row[13],
+        event=row[14],
     )
 
 
