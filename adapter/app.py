@@ -8,6 +8,7 @@ import signal
 import structlog
 
 from adapter import __version__
+from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
@@ -41,7 +42,8 @@ class App:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
-        self.store = open_store(settings.store)
+        self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
+        self.store = open_store(settings.store, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
@@ -51,7 +53,9 @@ class App:
             strict=settings.hl7.strict,
             fallback_charset=settings.hl7.fallback_charset,
         )
-        self.intake = Intake(self.store, self.mappings, options, on_accepted=self.forwarder.wake)
+        self.intake = Intake(
+            self.store, self.mappings, options, on_accepted=self.forwarder.wake, audit_keys=self.audit_keys
+        )
         self.server = MllpServer(
             self.intake,
             settings.mllp.host,

@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, migrate, check-config."""
+"""The `homeward` command: serve, map, send, migrate, check-config, audit."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import orjson
 
 from adapter import __version__
 from adapter import logging as adapter_logging
+from adapter.audit import cli as audit_cli
 from adapter.config import Settings, env_names
 from adapter.errors import AdapterError, ConfigError, InboundError
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)
+    audit_cli.add_parser(sub, with_config)
     return parser
 
 

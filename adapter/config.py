@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from adapter.errors import ConfigError
 
@@ -89,6 +89,12 @@ class Hl7Settings(_Section):
     fallback_charset: str = "cp1252"
 
 
+class AuditSettings(_Section):
+    # Signs the audit head and keys NHS-number lookups; empty: neither (see README "Audit trail").
+    hmac_key: SecretStr = SecretStr("")
+    hmac_key_file: Path | None = None
+
+
 class Settings(_Section):
     mllp: MllpSettings = MllpSettings()
     store: StoreSettings = StoreSettings()
@@ -98,6 +104,7 @@ class Settings(_Section):
     log: LogSettings = LogSettings()
     mapping: MappingSettings = MappingSettings()
     hl7: Hl7Settings = Hl7Settings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

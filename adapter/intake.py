@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import structlog
 
+from adapter.audit.keys import AuditKeys
 from adapter.errors import AckCode, InboundError, StoreUnavailable, UnsupportedMessage
 from adapter.hl7.ack import InboundHeader, build_ack
 from adapter.hl7.message import Hl7Message
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
+from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
@@ -49,12 +51,14 @@ class Intake:
         mappings: MappingSet,
         options: IntakeOptions,
         on_accepted: Callable[[], None] = lambda: None,
+        audit_keys: AuditKeys | None = None,
     ):
         self.store = store
         self.mappings = mappings
         self.options = options
         self.tz = ZoneInfo(options.timezone)
         self.on_accepted = on_accepted
+        self.audit_keys = audit_keys
 
     async def frame(self, payload: bytes, peer: str) -> bytes:
         """Handle one complete MLLP frame and return the ACK bytes to send back."""
@@ -141,6 +145,8 @@ class Intake:
         if self.options.validation == "full":
             validate_bundle(result.bundle)
         bundle = orjson.dumps(result.bundle)
+        if self.audit_keys is not None:
+            record = replace(record, patient_key=_patient_key(result.bundle, self.audit_keys))
         deliveries = [Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count)]
         detail = {"resources": result.resource_count, "flags": result.flags, "targets": [DEFAULT_TARGET]}
         accepted = await self.store.accept(record, deliveries, detail)
@@ -199,6 +205,18 @@ def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
         event=message.event,
         received_at=record.received_at,
     )
+
+
+def _patient_key(bundle: dict[str, Any], keys: AuditKeys) -> str:
+    """The lookup key of the bundle's Patient's NHS number ('' without one)."""
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource", {})
+        if resource.get("resourceType") != "Patient":
+            continue
+        for identifier in resource.get("identifier", []):
+            if identifier.get("system") == NHS_NUMBER_SYSTEM and identifier.get("value"):
+                return keys.patient_key(str(identifier["value"]))
+    return ""
 
 
 def _reason(exc: InboundError) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from adapter.audit.keys import AuditKeys
     from adapter.config import StoreSettings
     from adapter.store.base import Store
 
 
-def open_store(settings: StoreSettings) -> Store:
+def open_store(settings: StoreSettings, audit_keys: AuditKeys | None = None) -> Store:
     """PostgreSQL when store.url is set, else the SQLite file at store.path.
 
     Raises StoreUnavailable when the database cannot be reached or its schema is not migrated.
@@ -17,10 +18,10 @@ def open_store(settings: StoreSettings) -> Store:
     if settings.url:
         from adapter.store.postgres import PostgresStore
 
-        return PostgresStore(settings.url, max_connections=settings.max_connections)
+        return PostgresStore(settings.url, max_connections=settings.max_connections, audit_keys=audit_keys)
     from adapter.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.path, synchronous=settings.synchronous)
+    return SqliteStore(settings.path, synchronous=settings.synchronous, audit_keys=audit_keys)
 
 
 def migrate(settings: StoreSettings) -> str:

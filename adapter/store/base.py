@@ -36,6 +36,8 @@ class InboundRecord:
     message_control_id: str = ""
     event: str = ""
     received_at: float = 0.0
+    # Keyed HMAC of the NHS number (adapter/audit/keys.py); never the number itself.
+    patient_key: str = ""
 
     @property
     def dedup_key(self) -> str | None:

@@ -23,6 +23,8 @@ from typing import Any
 import orjson
 import psycopg
 
+from adapter.audit import chain
+from adapter.audit.keys import AuditKeys
 from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
@@ -56,8 +58,12 @@ SCHEMA = [
         ack_code           text NOT NULL,
         reason             text NOT NULL DEFAULT '',
         -- MSH-4|MSH-10 of accepted messages only; a resend to any instance collides here.
-        dedup_key          text UNIQUE
+        dedup_key          text UNIQUE,
+        -- Keyed HMAC of the patient's NHS number (adapter/audit/keys.py), never the number itself.
+        patient_key        text
     )""",
+    """CREATE INDEX IF NOT EXISTS inbound_patient ON inbound (patient_key) WHERE patient_key IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS inbound_received ON inbound (received_at)""",
     """CREATE INDEX IF NOT EXISTS inbound_control_id ON inbound (message_control_id)""",
     """CREATE TABLE IF NOT EXISTS outbox (
         id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -83,15 +89,27 @@ SCHEMA = [
     """CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending'""",
     """CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, id) WHERE state = 'pending'""",
     """CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state)""",
+    # Append-only and hash-chained (adapter/audit/chain.py): id is the chain's seq, 1, 2, 3, ... across
+    # every instance, because each append locks the one head row first.
     """CREATE TABLE IF NOT EXISTS audit (
-        id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id          bigint PRIMARY KEY,
         at          double precision NOT NULL,
         inbound_id  bigint,
         outbox_id   bigint,
         stage       text NOT NULL,
-        detail      text NOT NULL DEFAULT '{}'
+        detail      text NOT NULL DEFAULT '{}',
+        prev_hash   text NOT NULL,
+        hash        text NOT NULL
     )""",
     """CREATE INDEX IF NOT EXISTS audit_inbound ON audit (inbound_id)""",
+    """CREATE INDEX IF NOT EXISTS audit_stage_at ON audit (stage, at)""",
+    """CREATE TABLE IF NOT EXISTS audit_head (
+        id    integer PRIMARY KEY CHECK (id = 1),
+        seq   bigint NOT NULL,
+        hash  text NOT NULL,
+        mac   text NOT NULL DEFAULT ''
+    )""",
+    f"""INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{chain.GENESIS}') ON CONFLICT (id) DO NOTHING""",
 ]
 _MIGRATION_LOCK = 0x486F6D65  # "Home": one migration at a time per database
 
@@ -109,6 +127,12 @@ ORDER BY o.id
 LIMIT 1
 FOR UPDATE OF o SKIP LOCKED
 """
+
+
+class _Connection(psycopg.Connection[Any]):
+    """A connection that knows the audit keys its appends sign the chain head with."""
+
+    audit_keys: AuditKeys | None = None
 
 
 def migrate(url: str) -> int:
@@ -130,8 +154,16 @@ def migrate(url: str) -> int:
 class PostgresStore:
     """Store over one PostgreSQL database; callable from the event loop, shared by several processes."""
 
-    def __init__(self, url: str, *, max_connections: int = 8, lease_seconds: float = 120.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 8,
+        lease_seconds: float = 120.0,
+        audit_keys: AuditKeys | None = None,
+    ):
         self.url = url
+        self.audit_keys = audit_keys
         self.lease_seconds = lease_seconds
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
@@ -159,7 +191,8 @@ class PostgresStore:
     # -- connections --------------------------------------------------------------------------
 
     def _connect(self, lease: bool = False) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(self.url, connect_timeout=10)
+        conn = _Connection.connect(self.url, connect_timeout=10)
+        conn.audit_keys = self.audit_keys
         if lease:
             # A claim open longer than the lease means a stuck instance: PostgreSQL ends the session.
             conn.execute(
@@ -553,7 +586,8 @@ def _insert_inbound(
     conflict = " ON CONFLICT (dedup_key) DO NOTHING" if dedup else ""
     row = conn.execute(
         "INSERT INTO inbound (received_at, peer, sending_facility, message_control_id, event, size, sha256, raw,"
-        " outcome, ack_code, reason, dedup_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " outcome, ack_code, reason, dedup_key, patient_key)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         f"{conflict} RETURNING id",
         (
             record.received_at or time.time(),
@@ -568,6 +602,7 @@ def _insert_inbound(
             ack_code,
             reason,
             record.dedup_key if dedup else None,
+            record.patient_key or None,
         ),
     ).fetchone()
     return None if row is None else int(row[0])
@@ -587,7 +622,21 @@ def _received_detail(record: InboundRecord) -> dict[str, Any]:
 def _audit(
     conn: psycopg.Connection[Any], inbound_id: int | None, outbox_id: int | None, stage: str, detail: Any
 ) -> None:
+    """Append one chained audit record in the caller's transaction.
+
+    The head row is locked (FOR UPDATE) until that transaction commits, so appends from every
+    instance form one gapless chain; it is the one point where instances wait for each other.
+    """
+    head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE").fetchone()
+    prev = chain.Head(head[0], head[1]) if head and head[0] else None
+    at = time.time()
+    text = chain.canonical_detail(detail)
+    this = chain.link(prev, at, inbound_id, outbox_id, stage, text)
     conn.execute(
-        "INSERT INTO audit (at, inbound_id, outbox_id, stage, detail) VALUES (%s, %s, %s, %s, %s)",
-        (time.time(), inbound_id, outbox_id, stage, orjson.dumps(detail).decode()),
+        "INSERT INTO audit (id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (this.seq, at, inbound_id, outbox_id, stage, text, prev.hash if prev else chain.GENESIS, this.hash),
     )
+    keys = conn.audit_keys if isinstance(conn, _Connection) else None
+    mac = chain.head_mac(keys.checkpoint if keys else None, this.seq, this.hash)
+    conn.execute("UPDATE audit_head SET seq = %s, hash = %s, mac = %s WHERE id = 1", (this.seq, this.hash, mac))

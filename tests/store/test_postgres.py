@@ -7,8 +7,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
+from adapter.audit import chain
+from adapter.audit.keys import AuditKeys
 from adapter.errors import StoreUnavailable
 from adapter.store.base import Delivery, InboundRecord
 from adapter.store.postgres import PostgresStore, migrate
@@ -121,3 +124,33 @@ class TestPostgresSharedDatabase:
         """A URL nothing listens on raises StoreUnavailable, which intake turns into AE 207."""
         with pytest.raises(StoreUnavailable):
             PostgresStore("postgresql://postgres@127.0.0.1:1/test")
+
+
+class TestPostgresAuditChain:
+    def test_two_instances_write_one_gapless_verified_chain(self, pg_instances: Any) -> None:
+        """Concurrent accepts, claims and outcomes on two instances leave one chain that verifies, signed head included."""
+        keys = AuditKeys(patient=b"p" * 32, checkpoint=b"k" * 32)
+        one, two = pg_instances(audit_keys=keys), pg_instances(audit_keys=keys)
+
+        async def scenario() -> None:
+            await asyncio.gather(
+                *(
+                    s.accept(record(f"M{n}-{i}"), delivery(f"v{n}"), {})
+                    for n in range(10)
+                    for i, s in enumerate((one, two))
+                )
+            )
+            for store in (one, two):
+                for item in await store.claim_due(NOW, 4, 60):
+                    await store.mark_delivered(item, NOW, {"status": 200})
+
+        run(scenario())
+        rows = one.query("SELECT id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash FROM audit ORDER BY id")
+        head = one.query("SELECT seq, hash, mac FROM audit_head")[0]
+        checked, problem = chain.verify((chain.ChainRecord(*r) for r in rows), chain.Head(*head), keys.checkpoint)
+        assert problem is None and checked == len(rows) == 20 * 3 + 8
+        with psycopg.connect(one.url, autocommit=True) as conn:  # someone edits a record in the middle
+            conn.execute("UPDATE audit SET detail = '{}' WHERE id = 5")
+        rows = one.query("SELECT id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash FROM audit ORDER BY id")
+        _, problem = chain.verify((chain.ChainRecord(*r) for r in rows), chain.Head(*head), keys.checkpoint)
+        assert problem is not None and (problem.seq, problem.kind) == (5, "changed")
