@@ -7,12 +7,15 @@ import signal
 
 import structlog
 
-from adapter import __version__
+from adapter import __version__, metrics
+from adapter.admin import AdminServer
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
+from adapter.errors import StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
+from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store import open_store
 from adapter.targets import DirectoryTarget, FhirTarget, Target
@@ -63,7 +66,28 @@ class App:
             max_frame_bytes=settings.mllp.max_frame_bytes,
             idle_timeout=settings.mllp.idle_timeout_seconds,
         )
+        self.admin: AdminServer | None = None
+        if settings.admin.port is not None:
+            self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
+        self._queue_collector = QueueCollector(self.queue_stats)
         self._stop = asyncio.Event()
+
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        """The store's per-target queue figures, with zeros for configured targets that have none."""
+        stats: dict[str, tuple[str, int, float | None, int]] = {name: (name, 0, None, 0) for name in self.targets}
+        stats.update({row[0]: row for row in self.store.queue_stats()})
+        return list(stats.values())
+
+    def readiness(self) -> list[str]:
+        """What stops this adapter from taking and keeping messages right now ([] when ready)."""
+        problems = []
+        if not self.server.listening:
+            problems.append("the MLLP listener is not bound")
+        try:
+            self.store.check_writable(timeout=5.0)
+        except StoreUnavailable as exc:
+            problems.append(f"store not writable: {exc}")
+        return problems
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -74,6 +98,9 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.server.start()
+        metrics.REGISTRY.register(self._queue_collector)
+        if self.admin is not None:
+            self.admin.start()
         forwarder = asyncio.create_task(self.forwarder.run())
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
         log.info(
@@ -90,5 +117,8 @@ class App:
         await self.forwarder.stop(grace)
         forwarder.cancel()
         await asyncio.gather(forwarder, return_exceptions=True)
+        if self.admin is not None:
+            self.admin.stop()
+        metrics.REGISTRY.unregister(self._queue_collector)
         self.store.close()
         log.info("homeward.stopped")

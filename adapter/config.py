@@ -95,6 +95,12 @@ class AuditSettings(_Section):
     hmac_key_file: Path | None = None
 
 
+class AdminSettings(_Section):
+    # /metrics, /healthz, /readyz over HTTP. Loopback by default; no port set: no admin port at all.
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
 class Settings(_Section):
     mllp: MllpSettings = MllpSettings()
     store: StoreSettings = StoreSettings()
@@ -105,6 +111,7 @@ class Settings(_Section):
     mapping: MappingSettings = MappingSettings()
     hl7: Hl7Settings = Hl7Settings()
     audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -206,4 +206,14 @@ class Store(Protocol):
         """Audit records for an inbound message or an outbox row, oldest first."""
         ...
 
+    # -- monitoring (called from the admin port's threads, not the event loop) --
+
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        """Per target: (target, pending rows, oldest pending queued_at or None, dead letters)."""
+        ...
+
+    def check_writable(self, timeout: float) -> None:
+        """Return once a write transaction has committed; raise StoreUnavailable otherwise."""
+        ...
+
     def close(self) -> None: ...

@@ -507,6 +507,24 @@ class PostgresStore:
         with psycopg.connect(self.url) as conn:
             return conn.execute(sql, params).fetchall()
 
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        rows = self.query(
+            "SELECT target, count(*) FILTER (WHERE state = 'pending'),"
+            " min(queued_at) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')"
+            " FROM outbox WHERE state IN ('pending', 'dead') GROUP BY target"
+        )
+        return [(r[0], int(r[1]), r[2], int(r[3])) for r in rows]
+
+    def check_writable(self, timeout: float) -> None:
+        # Assigning a transaction id and committing writes a commit record: the database takes writes.
+        try:
+            with psycopg.connect(self.url, connect_timeout=max(1, int(timeout))) as conn:
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout * 1000)}",))
+                conn.execute("SELECT pg_current_xact_id()")
+                conn.commit()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"the store did not commit within {timeout} s ({type(exc).__name__})") from exc
+
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 

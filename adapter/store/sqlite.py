@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_inbound ON audit (inbound_id);
 CREATE INDEX IF NOT EXISTS audit_stage_at ON audit (stage, at);
+-- Written by the readiness probe (/readyz): a real write, so a full disk or a lost lock shows.
+CREATE TABLE IF NOT EXISTS probe (
+    id                 INTEGER PRIMARY KEY CHECK (id = 1),
+    at                 REAL NOT NULL
+);
 -- Where the chain ends, rewritten in every commit that adds records; mac signs it when a key is set.
 CREATE TABLE IF NOT EXISTS audit_head (
     id                 INTEGER PRIMARY KEY CHECK (id = 1),
@@ -451,6 +456,20 @@ class SqliteStore:
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        rows = self.query(
+            "SELECT target, sum(state = 'pending'), min(CASE WHEN state = 'pending' THEN queued_at END),"
+            " sum(state = 'dead') FROM outbox WHERE state IN ('pending', 'dead') GROUP BY target"
+        )
+        return [(r[0], int(r[1]), r[2], int(r[3])) for r in rows]
+
+    def check_writable(self, timeout: float) -> None:
+        # Through the writer thread: proves the thread is alive and can take the write lock and commit.
+        try:
+            self.submit(_touch_probe).result(timeout)
+        except (concurrent.futures.TimeoutError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"the store did not commit within {timeout} s ({type(exc).__name__})") from exc
+
 
 # Only the oldest pending row of each (target, ordering_key) may go, and only when nothing for that
 # key is in flight: a retry of an A03 holds back the A13 that cancels it.
@@ -590,6 +609,12 @@ def _checkpoint(conn: sqlite3.Connection, keys: AuditKeys | None) -> None:
         "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
         (row[0], row[1], mac),
+    )
+
+
+def _touch_probe(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
     )
 
 

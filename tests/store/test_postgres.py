@@ -154,3 +154,13 @@ class TestPostgresAuditChain:
         rows = one.query("SELECT id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash FROM audit ORDER BY id")
         _, problem = chain.verify((chain.ChainRecord(*r) for r in rows), chain.Head(*head), keys.checkpoint)
         assert problem is not None and (problem.seq, problem.kind) == (5, "changed")
+
+
+class TestPostgresHealth:
+    def test_queue_stats_and_writable(self, pg_instances: Any) -> None:
+        """queue_stats counts pending rows per target and check_writable commits."""
+        store = pg_instances()
+        run(store.accept(record("M1"), delivery("v"), {}))
+        ((target, pending, oldest, dead),) = store.queue_stats()
+        assert (target, pending, oldest, dead) == ("default", 1, NOW, 0)
+        store.check_writable(timeout=5.0)
