@@ -46,7 +46,7 @@ class App:
         self.settings = settings
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        self.store = open_store(settings.store, audit_keys=self.audit_keys)
+        self.store = open_store(settings, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight

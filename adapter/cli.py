@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, migrate, check-config, audit."""
+"""The `homeward` command: serve, map, send, migrate, check-config, audit, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Create or update the store's schema (PostgreSQL: run once before starting the instances)."""
     from adapter.store import migrate
 
-    print(migrate(_settings(args).store))
+    print(migrate(_settings(args)))
     return 0
 
 
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)
     audit_cli.add_parser(sub, with_config)
+    from adapter import cli_delivery
+
+    cli_delivery.add_parsers(sub, with_config, _settings)
     return parser
 
 
