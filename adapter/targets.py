@@ -156,7 +156,12 @@ def _check(response: httpx.Response, name: str) -> None:
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             outcome=outcome,
         )
-    raise PermanentDelivery(f"HTTP {status} from {name}: {_diagnostics(outcome)}", status=status, outcome=outcome)
+    raise PermanentDelivery(
+        f"HTTP {status} from {name}: {_coded_issue(outcome)}",
+        status=status,
+        outcome=outcome,
+        diagnostics=_diagnostics(outcome),
+    )
 
 
 def _check_batch(response: httpx.Response, name: str) -> None:
@@ -180,7 +185,10 @@ def _check_batch(response: httpx.Response, name: str) -> None:
     if code in RETRYABLE_STATUS or code >= 500:
         raise RetryableDelivery(f"batch entry HTTP {code} from {name}", status=code, outcome=outcome)
     raise PermanentDelivery(
-        f"batch entry HTTP {code} from {name}: {_diagnostics(outcome)}", status=code, outcome=outcome
+        f"batch entry HTTP {code} from {name}: {_coded_issue(outcome)}",
+        status=code,
+        outcome=outcome,
+        diagnostics=_diagnostics(outcome),
     )
 
 
@@ -223,18 +231,33 @@ def _entry_locations(response: httpx.Response) -> list[str]:
     return [str(e.get("response", {}).get("location", "")) for e in body.get("entry", []) if isinstance(e, dict)]
 
 
-def _diagnostics(outcome: str | None) -> str:
-    """The OperationOutcome's first issue, in words a person can act on (no resource content)."""
+def _coded_issue(outcome: str | None) -> str:
+    """The OperationOutcome's first issue as coded fields and where (severity, code, details code, expression).
+
+    Never the free text: servers quote the refused resource in `diagnostics` and `details.text`,
+    and this goes into logs and audit records.
+    """
     if not outcome:
         return "no OperationOutcome"
     try:
         body = orjson.loads(outcome)
         issue = body.get("issue", [{}])[0]
-        text = issue.get("diagnostics") or issue.get("details", {}).get("text") or issue.get("code", "")
-        where = ", ".join(issue.get("expression", []) or issue.get("location", []))
-        return f"{text} ({where})" if where else str(text)
+        codings = (issue.get("details") or {}).get("coding") or [{}]
+        parts = [issue.get("severity", ""), issue.get("code", ""), codings[0].get("code", "")]
+        text = " ".join(str(p) for p in parts if p) or "issue without a code"
+        where = ", ".join(str(w) for w in issue.get("expression", []) or issue.get("location", []))
+        return f"{text} ({where})" if where else text
     except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
         return "unreadable OperationOutcome"
+
+
+def _diagnostics(outcome: str | None) -> str:
+    """The first issue's free text, for people reading the dead letter (may quote patient data)."""
+    try:
+        issue = orjson.loads(outcome or "{}").get("issue", [{}])[0]
+        return str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")
+    except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
+        return ""
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -214,9 +214,10 @@ class TestModes:
         )
         encounter = next(e["resource"] for e in bodies[0]["entry"] if e["resource"]["resourceType"] == "Encounter")
         assert encounter["subject"]["identifier"]["system"] == "https://fhir.nhs.uk/Id/nhs-number"
-        with pytest.raises(PermanentDelivery, match="bad code") as failed:
+        with pytest.raises(PermanentDelivery, match="batch entry HTTP 422") as failed:
             deliver(fhir(httpserver, mode="batch"), item(2))
         assert failed.value.status == 422 and "OperationOutcome" in (failed.value.outcome or "")
+        assert failed.value.diagnostics == "bad code"
 
     def test_conditional_puts_each_resource_with_server_ids(self, httpserver: HTTPServer) -> None:
         """conditional: one PUT per entry, in order; later resources point at the ids the server gave earlier ones."""
