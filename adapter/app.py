@@ -7,11 +7,15 @@ import signal
 
 import structlog
 
-from adapter import __version__
+from adapter import __version__, metrics
+from adapter.admin import AdminServer
+from adapter.audit.keys import load_keys
 from adapter.config import Settings
+from adapter.errors import StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
+from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store.sqlite import SqliteStore
 from adapter.targets import DirectoryTarget, FhirTarget, Target
@@ -41,7 +45,10 @@ class App:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
-        self.store = SqliteStore(settings.store.path, synchronous=settings.store.synchronous)
+        self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
+        self.store = SqliteStore(
+            settings.store.path, synchronous=settings.store.synchronous, audit_keys=self.audit_keys
+        )
         self.targets = build_targets(settings)
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
@@ -51,7 +58,9 @@ class App:
             strict=settings.hl7.strict,
             fallback_charset=settings.hl7.fallback_charset,
         )
-        self.intake = Intake(self.store, self.mappings, options, on_accepted=self.forwarder.wake)
+        self.intake = Intake(
+            self.store, self.mappings, options, on_accepted=self.forwarder.wake, audit_keys=self.audit_keys
+        )
         self.server = MllpServer(
             self.intake,
             settings.mllp.host,
@@ -59,7 +68,28 @@ class App:
             max_frame_bytes=settings.mllp.max_frame_bytes,
             idle_timeout=settings.mllp.idle_timeout_seconds,
         )
+        self.admin: AdminServer | None = None
+        if settings.admin.port is not None:
+            self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
+        self._queue_collector = QueueCollector(self.queue_stats)
         self._stop = asyncio.Event()
+
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        """The store's per-target queue figures, with zeros for configured targets that have none."""
+        stats: dict[str, tuple[str, int, float | None, int]] = {name: (name, 0, None, 0) for name in self.targets}
+        stats.update({row[0]: row for row in self.store.queue_stats()})
+        return list(stats.values())
+
+    def readiness(self) -> list[str]:
+        """What stops this adapter from taking and keeping messages right now ([] when ready)."""
+        problems = []
+        if not self.server.listening:
+            problems.append("the MLLP listener is not bound")
+        try:
+            self.store.check_writable(timeout=5.0)
+        except StoreUnavailable as exc:
+            problems.append(f"store not writable: {exc}")
+        return problems
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -70,6 +100,9 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.server.start()
+        metrics.REGISTRY.register(self._queue_collector)
+        if self.admin is not None:
+            self.admin.start()
         forwarder = asyncio.create_task(self.forwarder.run())
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
         log.info(
@@ -86,5 +119,8 @@ class App:
         await self.forwarder.stop(grace)
         forwarder.cancel()
         await asyncio.gather(forwarder, return_exceptions=True)
+        if self.admin is not None:
+            self.admin.stop()
+        metrics.REGISTRY.unregister(self._queue_collector)
         self.store.close()
         log.info("homeward.stopped")

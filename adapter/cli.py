@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, check-config."""
+"""The `homeward` command: serve, map, send, check-config, audit."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import orjson
 
 from adapter import __version__
 from adapter import logging as adapter_logging
+from adapter.audit import cli as audit_cli
 from adapter.config import Settings, env_names
 from adapter.errors import AdapterError, ConfigError, InboundError
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
+    audit_cli.add_parser(sub, with_config)
     return parser
 
 

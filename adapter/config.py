@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from adapter.errors import ConfigError
 
@@ -84,6 +84,18 @@ class Hl7Settings(_Section):
     fallback_charset: str = "cp1252"
 
 
+class AuditSettings(_Section):
+    # Signs the audit head and keys NHS-number lookups; empty: neither (see README "Audit trail").
+    hmac_key: SecretStr = SecretStr("")
+    hmac_key_file: Path | None = None
+
+
+class AdminSettings(_Section):
+    # /metrics, /healthz, /readyz over HTTP. Loopback by default; no port set: no admin port at all.
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
 class Settings(_Section):
     mllp: MllpSettings = MllpSettings()
     store: StoreSettings = StoreSettings()
@@ -93,6 +105,8 @@ class Settings(_Section):
     log: LogSettings = LogSettings()
     mapping: MappingSettings = MappingSettings()
     hl7: Hl7Settings = Hl7Settings()
+    audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 import tenacity
 
+from adapter import metrics
 from adapter.config import RetrySettings
 from adapter.errors import DeliveryError, RetryableDelivery, StoreUnavailable
 from adapter.store.base import OutboxItem, Store
@@ -138,18 +139,22 @@ class Forwarder:
             await self.store.mark_stale(item, self.clock(), stale, {"target": item.target})
             bound.warning("message.stale", reason=stale)
             return
+        started = time.perf_counter()
         try:
             if target is None:
                 raise RetryableDelivery(f"no target named '{item.target}' is configured")
             detail = await target.send(item)
         except DeliveryError as exc:
-            await self._failed(item, exc, bound)
+            await self._failed(item, exc, bound, time.perf_counter() - started)
             return
         except Exception as exc:  # an unexpected bug counts as retryable until attempts run out
             bound.exception("message.delivery_error")
-            await self._failed(item, RetryableDelivery(f"internal error ({type(exc).__name__})"), bound)
+            failure = RetryableDelivery(f"internal error ({type(exc).__name__})")
+            await self._failed(item, failure, bound, time.perf_counter() - started)
             return
+        metrics.DELIVERY_LATENCY.labels(item.target).observe(time.perf_counter() - started)
         await self.store.mark_delivered(item, self.clock(), detail)
+        metrics.DELIVERED.labels(item.event or "unknown", item.target).inc()
         bound.info(
             "message.delivered",
             status=detail.get("status"),
@@ -169,14 +174,17 @@ class Forwarder:
             return None
         return f"event time {item.event_time:.0f} is older than {latest:.0f}, already delivered for this visit"
 
-    async def _failed(self, item: OutboxItem, exc: DeliveryError, bound: Any) -> None:
+    async def _failed(self, item: OutboxItem, exc: DeliveryError, bound: Any, elapsed: float) -> None:
         attempts = item.attempts + 1
         now = self.clock()
+        metrics.DELIVERY_LATENCY.labels(item.target).observe(elapsed)
+        metrics.FAILED.labels(item.event or "unknown", item.target, str(exc.status or "")).inc()
         detail = {
             "target": item.target,
             "status": exc.status,
             "reason": exc.reason,
             "attempt": attempts,
+            "duration_ms": round(elapsed * 1000, 3),
             "outcome": exc.outcome,
         }
         give_up = (
@@ -187,6 +195,7 @@ class Forwarder:
         if give_up is not None:
             reason = f"{exc.reason} ({give_up})"
             await self.store.dead_letter(item, now, reason, detail)
+            metrics.DEAD_LETTERED.labels(item.event or "unknown", item.target).inc()
             bound.error("message.dead_lettered", status=exc.status, reason=reason)
             return
         delay = self.policy.delay(attempts, exc.retry_after)

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import structlog
 
+from adapter import metrics
+from adapter.audit.keys import AuditKeys
 from adapter.errors import AckCode, InboundError, StoreUnavailable, UnsupportedMessage
 from adapter.hl7.ack import InboundHeader, build_ack
 from adapter.hl7.message import Hl7Message
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
+from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
@@ -49,12 +52,14 @@ class Intake:
         mappings: MappingSet,
         options: IntakeOptions,
         on_accepted: Callable[[], None] = lambda: None,
+        audit_keys: AuditKeys | None = None,
     ):
         self.store = store
         self.mappings = mappings
         self.options = options
         self.tz = ZoneInfo(options.timezone)
         self.on_accepted = on_accepted
+        self.audit_keys = audit_keys
 
     async def frame(self, payload: bytes, peer: str) -> bytes:
         """Handle one complete MLLP frame and return the ACK bytes to send back."""
@@ -84,12 +89,13 @@ class Intake:
             outcome = await self._refuse(record, internal, bound)
             code = AckCode.ERROR
             ack = build_ack(header, code, error_code="207", text=internal.reason)
-        bound.info(
-            "message.acked",
-            ack_code=code.value,
-            outcome=outcome,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        elapsed = time.perf_counter() - started
+        event = record.event or "unknown"
+        metrics.RECEIVED.labels(event).inc()
+        metrics.ACKED.labels(event, code.value).inc()
+        metrics.ACK_LATENCY.observe(elapsed)
+        metrics.LAST_RECEIVED.set(record.received_at)
+        bound.info("message.acked", ack_code=code.value, outcome=outcome, duration_ms=round(elapsed * 1000, 3))
         return ack
 
     async def oversize(self, head: bytes, size: int, peer: str) -> bytes:
@@ -113,6 +119,9 @@ class Intake:
         exc = InboundError(reason)
         exc.ack_code = AckCode.REJECT
         await self._refuse(record, exc, bound)
+        metrics.RECEIVED.labels("unknown").inc()
+        metrics.ACKED.labels("unknown", AckCode.REJECT.value).inc()
+        metrics.LAST_RECEIVED.set(record.received_at)
         return build_ack(header, AckCode.REJECT, error_code="207", text=reason)
 
     async def incomplete(self, partial: bytes, peer: str, reason: str) -> None:
@@ -127,6 +136,7 @@ class Intake:
         )
         bound = log.bind(peer=peer, message_control_id=header.message_control_id, size=len(partial))
         bound.warning("mllp.frame_incomplete", reason=reason)
+        metrics.RECEIVED.labels("unknown").inc()
         try:
             await self.store.record(record, Outcome.REFUSED, "", f"incomplete frame: {reason}; not acknowledged")
         except StoreUnavailable:
@@ -141,8 +151,16 @@ class Intake:
         if self.options.validation == "full":
             validate_bundle(result.bundle)
         bundle = orjson.dumps(result.bundle)
+        if self.audit_keys is not None:
+            record = replace(record, patient_key=_patient_key(result.bundle, self.audit_keys))
         deliveries = [Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count)]
-        detail = {"resources": result.resource_count, "flags": result.flags, "targets": [DEFAULT_TARGET]}
+        detail = {
+            "ack_code": AckCode.ACCEPT.value,  # sent once this commit returns
+            "resources": result.resource_count,
+            "entries": _entry_ids(result.bundle),
+            "flags": result.flags,
+            "targets": [DEFAULT_TARGET],
+        }
         accepted = await self.store.accept(record, deliveries, detail)
         if accepted.duplicate:
             bound.info("message.duplicate", inbound_id=accepted.inbound_id)
@@ -199,6 +217,23 @@ def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
         event=message.event,
         received_at=record.received_at,
     )
+
+
+def _entry_ids(bundle: dict[str, Any]) -> list[str]:
+    """'Type fullUrl' of each mapped resource: ids, never the identifier values in request URLs."""
+    return [f"{e.get('resource', {}).get('resourceType', '')} {e.get('fullUrl', '')}" for e in bundle.get("entry", [])]
+
+
+def _patient_key(bundle: dict[str, Any], keys: AuditKeys) -> str:
+    """The lookup key of the bundle's Patient's NHS number ('' without one)."""
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource", {})
+        if resource.get("resourceType") != "Patient":
+            continue
+        for identifier in resource.get("identifier", []):
+            if identifier.get("system") == NHS_NUMBER_SYSTEM and identifier.get("value"):
+                return keys.patient_key(str(identifier["value"]))
+    return ""
 
 
 def _reason(exc: InboundError) -> str:

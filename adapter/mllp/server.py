@@ -60,6 +60,11 @@ class MllpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
+    def listening(self) -> bool:
+        """Bound and accepting connections (for /readyz)."""
+        return self._server is not None and self._server.is_serving() and not self._closing
+
+    @property
     def connection_count(self) -> int:
         return len(self._connections)
 

@@ -36,6 +36,8 @@ class InboundRecord:
     message_control_id: str = ""
     event: str = ""
     received_at: float = 0.0
+    # Keyed HMAC of the NHS number (adapter/audit/keys.py); never the number itself.
+    patient_key: str = ""
 
     @property
     def dedup_key(self) -> str | None:
@@ -202,6 +204,16 @@ class Store(Protocol):
 
     async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
         """Audit records for an inbound message or an outbox row, oldest first."""
+        ...
+
+    # -- monitoring (called from the admin port's threads, not the event loop) --
+
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        """Per target: (target, pending rows, oldest pending queued_at or None, dead letters)."""
+        ...
+
+    def check_writable(self, timeout: float) -> None:
+        """Return once a write transaction has committed; raise StoreUnavailable otherwise."""
         ...
 
     def close(self) -> None: ...

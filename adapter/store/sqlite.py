@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from adapter.audit import chain
+from adapter.audit.keys import AuditKeys
 from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
@@ -52,9 +54,14 @@ CREATE TABLE IF NOT EXISTS inbound (
     ack_code           TEXT NOT NULL,
     reason             TEXT NOT NULL DEFAULT '',
     -- MSH-4|MSH-10 of accepted messages only; a resend of one collides here.
-    dedup_key          TEXT UNIQUE
+    dedup_key          TEXT UNIQUE,
+    -- Keyed HMAC of the patient's NHS number (adapter/audit/keys.py), so a patient's messages can
+    -- be found without the number being stored or logged; NULL without a key or a number.
+    patient_key        TEXT
 );
 CREATE INDEX IF NOT EXISTS inbound_control_id ON inbound (message_control_id);
+CREATE INDEX IF NOT EXISTS inbound_patient ON inbound (patient_key) WHERE patient_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inbound_received ON inbound (received_at);
 CREATE TABLE IF NOT EXISTS outbox (
     id              INTEGER PRIMARY KEY,
     inbound_id      INTEGER NOT NULL REFERENCES inbound (id),
@@ -79,15 +86,31 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, state, id);
 CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state);
+-- Append-only and hash-chained (adapter/audit/chain.py): id is the chain's seq, 1, 2, 3, ...
 CREATE TABLE IF NOT EXISTS audit (
     id                 INTEGER PRIMARY KEY,
     at                 REAL NOT NULL,
     inbound_id         INTEGER,
     outbox_id          INTEGER,
     stage              TEXT NOT NULL,
-    detail             TEXT NOT NULL DEFAULT '{}'
+    detail             TEXT NOT NULL DEFAULT '{}',
+    prev_hash          TEXT NOT NULL,
+    hash               TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_inbound ON audit (inbound_id);
+CREATE INDEX IF NOT EXISTS audit_stage_at ON audit (stage, at);
+-- Written by the readiness probe (/readyz): a real write, so a full disk or a lost lock shows.
+CREATE TABLE IF NOT EXISTS probe (
+    id                 INTEGER PRIMARY KEY CHECK (id = 1),
+    at                 REAL NOT NULL
+);
+-- Where the chain ends, rewritten in every commit that adds records; mac signs it when a key is set.
+CREATE TABLE IF NOT EXISTS audit_head (
+    id                 INTEGER PRIMARY KEY CHECK (id = 1),
+    seq                INTEGER NOT NULL,
+    hash               TEXT NOT NULL,
+    mac                TEXT NOT NULL DEFAULT ''
+);
 """
 
 _STOP = object()
@@ -98,8 +121,16 @@ _MAX_GROUP = 256
 class SqliteStore:
     """Store over one SQLite file; safe to call from the event loop and from other threads."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", release_claims: bool = True):
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        release_claims: bool = True,
+        audit_keys: AuditKeys | None = None,
+    ):
         self.path = Path(path)
+        self.audit_keys = audit_keys
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -168,6 +199,7 @@ class SqliteStore:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((future, False, exc))
+            _checkpoint(conn, self.audit_keys)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -424,6 +456,20 @@ class SqliteStore:
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 
+    def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
+        rows = self.query(
+            "SELECT target, sum(state = 'pending'), min(CASE WHEN state = 'pending' THEN queued_at END),"
+            " sum(state = 'dead') FROM outbox WHERE state IN ('pending', 'dead') GROUP BY target"
+        )
+        return [(r[0], int(r[1]), r[2], int(r[3])) for r in rows]
+
+    def check_writable(self, timeout: float) -> None:
+        # Through the writer thread: proves the thread is alive and can take the write lock and commit.
+        try:
+            self.submit(_touch_probe).result(timeout)
+        except (concurrent.futures.TimeoutError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"the store did not commit within {timeout} s ({type(exc).__name__})") from exc
+
 
 # Only the oldest pending row of each (target, ordering_key) may go, and only when nothing for that
 # key is in flight: a retry of an A03 holds back the A13 that cancels it.
@@ -498,7 +544,7 @@ def _insert_inbound(
 ) -> int:
     cur = conn.execute(
         "INSERT INTO inbound (received_at, peer, sending_facility, message_control_id, event, size, sha256, raw,"
-        " outcome, ack_code, reason, dedup_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " outcome, ack_code, reason, dedup_key, patient_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.received_at or time.time(),
             record.peer,
@@ -512,6 +558,7 @@ def _insert_inbound(
             ack_code,
             reason,
             record.dedup_key if dedup else None,
+            record.patient_key or None,
         ),
     )
     assert cur.lastrowid is not None
@@ -536,9 +583,38 @@ def _audit(
     stage: str,
     detail: dict[str, Any],
 ) -> None:
+    """Append one chained audit record in the caller's transaction."""
+    at = time.time()
+    text = chain.canonical_detail(detail)
+    row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    prev = chain.Head(row[0], row[1]) if row else None
+    this = chain.link(prev, at, inbound_id, outbox_id, stage, text)
     conn.execute(
-        "INSERT INTO audit (at, inbound_id, outbox_id, stage, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), inbound_id, outbox_id, stage, orjson.dumps(detail).decode()),
+        "INSERT INTO audit (id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (this.seq, at, inbound_id, outbox_id, stage, text, prev.hash if prev else chain.GENESIS, this.hash),
+    )
+
+
+def _checkpoint(conn: sqlite3.Connection, keys: AuditKeys | None) -> None:
+    """Move the head to the chain's last record (once per group commit, inside it)."""
+    row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None:
+        return
+    head = conn.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
+    if head is not None and head[0] == row[0]:
+        return
+    mac = chain.head_mac(keys.checkpoint if keys else None, row[0], row[1])
+    conn.execute(
+        "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
+        (row[0], row[1], mac),
+    )
+
+
+def _touch_probe(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
     )
 
 

@@ -1,0 +1,135 @@
+"""Whole timelines from a real `homeward serve` (MLLP in, a real HTTP server out), read back with `homeward audit`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from adapter.cli import main
+from tests.audit.test_metrics import a03, wait_for
+from tests.conftest import ack_fields
+
+KEY = "timeline test audit key 0123456789"
+NHS = {"T-OK": "9449305552", "T-RETRY": "9449305560", "T-DEAD": "9449305579"}
+
+
+def transaction_response(control_id: str) -> str:
+    # What a server returns: where each entry landed, with its version.
+    return json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": [{"response": {"status": "200 OK", "location": f"Patient/{control_id}/_history/3"}}],
+        }
+    )
+
+
+@pytest.fixture
+def council(httpserver: HTTPServer) -> HTTPServer:
+    """T-OK: accepted; T-RETRY: 503 once, then accepted; T-DEAD: 422 (permanent)."""
+    seen: list[str] = []
+
+    def handle(request: Request) -> Response:
+        body = request.get_data(as_text=True)
+        control_id = next(c for c in NHS if f'"{c}"' in body)
+        seen.append(control_id)
+        if control_id == "T-DEAD":
+            outcome = {"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "diagnostics": "no"}]}
+            return Response(json.dumps(outcome), 422, content_type="application/fhir+json")
+        if control_id == "T-RETRY" and seen.count("T-RETRY") == 1:
+            return Response("busy", 503)
+        return Response(transaction_response(control_id), 200, content_type="application/fhir+json")
+
+    httpserver.expect_request("/fhir", method="POST").respond_with_handler(handle)
+    return httpserver
+
+
+def audit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, object]:
+    code = main(["audit", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def stages(capsys: pytest.CaptureFixture[str], control_id: str) -> list[dict]:  # type: ignore[type-arg]
+    code, records = audit(capsys, "show", control_id)
+    assert code == 0
+    return records  # type: ignore[return-value]
+
+
+def test_timelines(  # type: ignore[no-untyped-def]
+    serve, council: HTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Delivered, retried-then-delivered and dead-lettered messages each show every stage, in order, with details."""
+    store = tmp_path / "homeward.sqlite3"
+    process = serve(
+        HOMEWARD_FHIR_BASE_URL=council.url_for("/fhir"),
+        HOMEWARD_AUDIT_HMAC_KEY=KEY,
+        HOMEWARD_RETRY_INITIAL_SECONDS="0.2",
+        HOMEWARD_RETRY_MAX_SECONDS="0.5",
+    )
+    from adapter.mllp.client import MllpClient
+
+    with MllpClient("127.0.0.1", process.port, timeout=20) as client:
+        for control_id, nhs in NHS.items():
+            assert ack_fields(client.send(a03(control_id, nhs)))["MSA"][1] == "AA"
+    process.wait_for_log("message.delivered", count=2)
+    process.wait_for_log("message.dead_lettered")
+    monkeypatch.setenv("HOMEWARD_STORE", str(store))
+    monkeypatch.setenv("HOMEWARD_AUDIT_HMAC_KEY", KEY)
+
+    ok = stages(capsys, "T-OK")
+    assert [r["stage"] for r in ok] == ["received", "queued", "accepted", "delivered"]
+    received = ok[0]["detail"]
+    assert received["message_control_id"] == "T-OK" and received["sending_facility"] == "RRK"
+    assert received["event"] == "ADT^A03" and received["size"] > 100 and len(received["sha256"]) == 64
+    assert received["peer"].startswith("127.0.0.1:")
+    assert ok[1]["detail"]["target"] == "default"
+    accepted = ok[2]["detail"]
+    assert accepted["ack_code"] == "AA"
+    assert any(e.startswith("Patient urn:uuid:") for e in accepted["entries"])
+    delivered = ok[3]["detail"]
+    assert delivered["status"] == 200 and delivered["duration_ms"] > 0
+    assert delivered["response"] == ["Patient/T-OK/_history/3"]
+
+    retry = wait_for(lambda: (s := stages(capsys, "T-RETRY")) and s[-1]["stage"] == "delivered" and s)
+    assert [r["stage"] for r in retry] == ["received", "queued", "accepted", "retry_scheduled", "delivered"]
+    assert retry[3]["detail"]["status"] == 503 and retry[3]["detail"]["attempt"] == 1
+    assert retry[3]["detail"]["retry_in_seconds"] > 0
+
+    dead = stages(capsys, "T-DEAD")
+    assert [r["stage"] for r in dead] == ["received", "queued", "accepted", "dead_lettered"]
+    assert dead[3]["detail"]["status"] == 422 and "permanent" in dead[3]["detail"]["reason"]
+
+    # Queries over the same store.
+    code, rows = audit(capsys, "list", "--status", "dead")
+    assert code == 0 and [r["message_control_id"] for r in rows] == ["T-DEAD"]  # type: ignore[index]
+    code, rows = audit(capsys, "list", "--event", "ADT^A03", "--target", "default", "--since", "1h")
+    assert sorted(r["message_control_id"] for r in rows) == sorted(NHS)  # type: ignore[union-attr]
+    code, rows = audit(capsys, "list", "--until", "2000-01-01T00:00:00+00:00")
+    assert rows == []
+    code, rows = audit(capsys, "find", "--nhs-number", "944 930 5560")
+    assert [r["message_control_id"] for r in rows] == ["T-RETRY"]  # type: ignore[index]
+    code, result = audit(capsys, "verify")
+    assert code == 0 and result["ok"] and result["signature_checked"]  # type: ignore[index]
+
+
+def test_show_unknown_control_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MSH-10 with no records exits 1 and says so."""
+    from adapter.store.sqlite import SqliteStore
+
+    SqliteStore(tmp_path / "e.sqlite3").close()
+    monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "e.sqlite3"))
+    assert main(["audit", "show", "NOPE"]) == 1
+
+
+def test_find_needs_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an audit key, find refuses with a configuration error instead of matching nothing."""
+    from adapter.store.sqlite import SqliteStore
+
+    SqliteStore(tmp_path / "e.sqlite3").close()
+    monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "e.sqlite3"))
+    monkeypatch.delenv("HOMEWARD_AUDIT_HMAC_KEY", raising=False)
+    assert main(["audit", "find", "--nhs-number", "9449305552"]) == 2
