@@ -17,7 +17,7 @@ from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
 from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
-from adapter.store.sqlite import SqliteStore
+from adapter.store import open_store
 from adapter.targets import DirectoryTarget, FhirTarget, Target
 
 log = structlog.get_logger("homeward.app")
@@ -46,9 +46,7 @@ class App:
         self.settings = settings
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        self.store = SqliteStore(
-            settings.store.path, synchronous=settings.store.synchronous, audit_keys=self.audit_keys
-        )
+        self.store = open_store(settings, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight

@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, check-config, audit."""
+"""The `homeward` command: serve, map, send, check-config, audit, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
     audit_cli.add_parser(sub, with_config)
+    from adapter import cli_delivery
+
+    cli_delivery.add_parsers(sub, with_config, _settings)
     return parser
 
 

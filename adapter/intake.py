@@ -26,6 +26,7 @@ from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
+from adapter.visits import visit_and_time
 
 log = structlog.get_logger("homeward.intake")
 
@@ -153,7 +154,10 @@ class Intake:
         bundle = orjson.dumps(result.bundle)
         if self.audit_keys is not None:
             record = replace(record, patient_key=_patient_key(result.bundle, self.audit_keys))
-        deliveries = [Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count)]
+        visit_key, event_time = visit_and_time(message, self.tz)
+        deliveries = [
+            Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
+        ]
         detail = {
             "ack_code": AckCode.ACCEPT.value,  # sent once this commit returns
             "resources": result.resource_count,
