@@ -11,10 +11,11 @@ from adapter import __version__, metrics
 from adapter.admin import AdminServer
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
-from adapter.errors import StoreUnavailable
+from adapter.errors import ConfigError, StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
+from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store import open_store
@@ -48,6 +49,12 @@ class App:
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
         self.store = open_store(settings, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
+        unknown = named_targets(self.mappings.site.routing) - set(self.targets)
+        if unknown:
+            raise ConfigError(
+                f"{settings.mapping.dir}/site.yaml: routing: target(s) {sorted(unknown)} are not configured"
+                f" (configured: {sorted(self.targets)})"
+            )
         self.forwarder = Forwarder(
             self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
         )

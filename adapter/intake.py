@@ -154,16 +154,25 @@ class Intake:
         bundle = orjson.dumps(result.bundle)
         if self.audit_keys is not None:
             record = replace(record, patient_key=_patient_key(result.bundle, self.audit_keys))
+        route = result.route
+        if route.unrouted:
+            # No routing rule matched and site.yaml names no unrouted target: kept and reported, not dropped.
+            reason = "no routing rule in site.yaml matched (postcode district, local authority code, fields)"
+            await self.store.record(record, Outcome.UNROUTED, "AA", reason)
+            bound.warning("message.unrouted", reason=reason)
+            return AckCode.ACCEPT, Outcome.UNROUTED.value
         visit_key, event_time = visit_and_time(message, self.tz)
         deliveries = [
-            Delivery(DEFAULT_TARGET, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
+            Delivery(name, result.ordering_key, bundle, result.resource_count, visit_key, event_time)
+            for name in route.targets
         ]
         detail = {
             "ack_code": AckCode.ACCEPT.value,  # sent once this commit returns
             "resources": result.resource_count,
             "entries": _entry_ids(result.bundle),
             "flags": result.flags,
-            "targets": [DEFAULT_TARGET],
+            "targets": list(route.targets),
+            "routes": list(route.matched),
         }
         accepted = await self.store.accept(record, deliveries, detail)
         if accepted.duplicate:

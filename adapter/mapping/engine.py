@@ -9,16 +9,19 @@ rather than sent.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from adapter.errors import MappingError
 from adapter.hl7.message import Delimiters, Hl7Message, Repetition, Segment
-from adapter.mapping.fhirtypes import check_primitive
+from adapter.mapping.fhirtypes import check_primitive, element_info
 from adapter.mapping.functions import FUNCTIONS, MapContext, deterministic_id, instant
-from adapter.mapping.model import Condition, MappingSet, MessageMap, ResourceMap, Rule, Vocabulary
+from adapter.mapping.model import Condition, Council, MappingSet, MessageMap, ResourceMap, Rule, Vocabulary
+from adapter.mapping.routing import RouteDecision, decide
 
 HOMEWARD_DEVICE_DISPLAY = "Homeward HL7 v2 to FHIR adapter"
 
@@ -41,6 +44,7 @@ class MapResult:
     flags: list[str] = field(default_factory=list)
     trace: list[TraceLine] = field(default_factory=list)
     used_fields: set[tuple[str, int]] = field(default_factory=set)
+    route: RouteDecision = field(default_factory=lambda: RouteDecision((), (), ()))
 
     @property
     def resource_count(self) -> int:
@@ -59,17 +63,44 @@ class _Run:
         self.trace: list[TraceLine] = []
         self.used: set[tuple[str, int]] = set()
         self.full_urls: dict[str, str] = {}
+        # References to resources built later in the message (A40: the old Patient -> the new one).
+        self.pending: list[tuple[dict[str, Any], Rule]] = []
+        self.councils: tuple[Council, ...] = ()
 
     def context(self, segment: Segment | None, location: str) -> MapContext:
-        return MapContext(self.message, segment, location, self.tz, self.mappings.site.systems, self.flags)
+        return MapContext(
+            self.message,
+            segment,
+            location,
+            self.tz,
+            self.mappings.site.systems,
+            self.flags,
+            self.lookup,
+            self.councils,
+            self.first,
+        )
+
+    def lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
+        return _lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location)
 
     # -- reading the message -------------------------------------------------------------------
 
+    def segment_for(self, seg_name: str, selector: tuple[int, str] | None, segment: Segment | None) -> Segment | None:
+        if selector is None:
+            if segment is not None and segment.name == seg_name:
+                return segment
+            return self.message.segment(seg_name)
+        field_no, wanted = selector
+        for candidate in self.message.all(seg_name):
+            if candidate.get(field_no) == wanted:
+                self.used.add((seg_name, field_no))
+                return candidate
+        return None
+
     def read(self, source: str, segment: Segment | None) -> tuple[list[Repetition], str]:
-        """Repetitions at `source` ("PID-3", "PID-3.1"); component sources give one-component views."""
-        seg_name, _, rest = source.partition("-")
-        parts = [int(p) for p in rest.split(".")]
-        seg = segment if segment is not None and segment.name == seg_name else self.message.segment(seg_name)
+        """Repetitions at `source` ("PID-3", "PID-3.1", "OBX[3=DRD]-5"); components give one-component views."""
+        seg_name, selector, parts = _parse_source(source)
+        seg = self.segment_for(seg_name, selector, segment)
         if seg is None:
             return [], source
         self.used.add((seg_name, parts[0]))
@@ -79,16 +110,35 @@ class _Run:
         values = [r.component(parts[1], parts[2] if len(parts) > 2 else 1) for r in reps]
         return [Repetition(v, _PLAIN) for v in values if v], source
 
+    def first(self, source: str) -> str:
+        reps, _ = self.read(source, None)
+        return reps[0].component(1) if reps else ""
+
     def holds(self, cond: Condition, segment: Segment | None) -> bool:
+        """Evaluate a `when:`; text is compared ignoring case ("Carer breakdown" = "CARER BREAKDOWN")."""
+
         reps, _ = self.read(cond.source, segment)
-        value = reps[0].component(1) if reps else ""
+        # Any repetition may match: services arrive as a repeating field.
+        values = {r.component(1).casefold() for r in reps} - {""}
         if cond.present is not None:
-            result = bool(value) == cond.present
+            result = bool(values) == cond.present
         elif cond.equals is not None:
-            result = value == cond.equals
+            result = cond.equals.casefold() in values
         else:
-            result = value in cond.one_of
+            result = bool(values & {v.casefold() for v in cond.one_of})
         return result != cond.negate
+
+
+@cache
+def _parse_source(source: str) -> tuple[str, tuple[int, str] | None, list[int]]:
+    """ "OBX[3=DRD]-5.1" -> ("OBX", (3, "DRD"), [5, 1]); the loader has checked the form."""
+    head, _, rest = source.partition("-")
+    selector = None
+    if "[" in head:
+        head, _, sel = head.partition("[")
+        field_no, _, wanted = sel.rstrip("]").partition("=")
+        selector = (int(field_no), wanted)
+    return head, selector, [int(p) for p in rest.split(".")]
 
 
 # Delimiters that never occur in text: a component already read and unescaped is wrapped as-is.
@@ -106,6 +156,8 @@ def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, expl
         raise MappingError(f"no mapping for event {message.trigger_event}", location="MSH-9", hl7_error_code="201")
     run = _Run(message, mappings, tz, explain)
     _check_requires(run, mm)
+    route = decide(mappings.site.routing, run.first, lambda cond: run.holds(cond, None))
+    run.councils = route.councils
     entries: list[dict[str, Any]] = []
     for rm in mm.resources:
         segments: list[Segment | None] = list(message.all(rm.foreach)) if rm.foreach else [None]
@@ -113,10 +165,13 @@ def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, expl
             if rm.when is not None and not run.holds(rm.when, segment):
                 continue
             entries.append(_entry(run, rm, segment, index))
+    for target, rule in run.pending:
+        if rule.ref in run.full_urls:
+            _set(target, rule.element, {"reference": run.full_urls[rule.ref]}, rule.info.is_list)
     if mm.provenance:
         entries.append(_provenance(run, mm, entries))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return MapResult(bundle, _ordering_key(message), run.flags, run.trace, run.used)
+    return MapResult(bundle, _ordering_key(message), run.flags, run.trace, run.used, route)
 
 
 def _check_requires(run: _Run, mm: MessageMap) -> None:
@@ -162,7 +217,7 @@ def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -
             location=rm.origin.rsplit(": ", 1)[-1],
         )
     # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and its place.
-    anchors = sorted(run.full_urls.values())
+    anchors = [run.full_urls.get(k, k) for k in rm.anchor] if rm.anchor else sorted(run.full_urls.values())
     rid = deterministic_id(rm.resource_type, rm.key, str(index), *anchors)
     resource["id"] = rid
     return f"urn:uuid:{rid}", {"method": "PUT", "url": f"{rm.resource_type}/{rid}"}
@@ -240,6 +295,10 @@ def _apply(
         url = run.full_urls.get(rule.ref)
         if url:
             _set(target, rule.element, {"reference": url}, rule.info.is_list)
+        else:
+            run.pending.append((target, rule))
+        if run.explain:
+            run.trace.append(TraceLine(f"{where}.{rule.element}", f"ref {rule.ref}", rule.origin))
         return
     if rule.source is None:
         values: list[Any] = [rule.value]
@@ -249,22 +308,32 @@ def _apply(
         text = repetition.component(int(comp), int(sub or 1))
         values = [text] if text else []
         location = rule.source
+    elif rule.all_segments:
+        location = rule.source
+        values = []
+        for each in run.message.all(_parse_source(rule.source)[0]):
+            reps, _ = run.read(rule.source, each)
+            values.extend(reps if rule.repeat else reps[:1])
     else:
         reps, location = run.read(rule.source, segment)
         values = list(reps if rule.repeat else reps[:1])
     for value in values:
-        result = _transform(run, rule, value, segment, location)
-        if result is None or result == {} or result == "":
-            continue
-        if rule.info.is_primitive and not check_primitive(rule.info.type, result):
-            raise MappingError(
-                f"{location}: not a valid FHIR {rule.info.type} for {where}.{rule.element}",
-                location=location,
-                hl7_error_code="102",
-            )
-        _set(target, rule.element, result, rule.info.is_list)
-        if run.explain:
-            run.trace.append(TraceLine(f"{where}.{rule.element}", location, rule.origin))
+        produced = _transform(run, rule, value, segment, location)
+        # A function may give several values (one performer per council the message is routed to).
+        for result in produced if isinstance(produced, list) else [produced]:
+            if result is None or result == {} or result == "":
+                continue
+            if rule.info.is_primitive and not check_primitive(rule.info.type, result):
+                raise MappingError(
+                    f"{location}: not a valid FHIR {rule.info.type} for {where}.{rule.element}",
+                    location=location,
+                    hl7_error_code="102",
+                )
+            if rule.template is not None and rule.into is not None:
+                result = _fill(rule.template, rule.into, result)
+            _set(target, rule.element, result, rule.info.is_list)
+            if run.explain:
+                run.trace.append(TraceLine(f"{where}.{rule.element}", location, rule.origin))
 
 
 def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str) -> Any:
@@ -280,10 +349,24 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
     if rule.function is not None:
         value = FUNCTIONS[rule.function](value, run.context(segment, location), **rule.args)
     if rule.vocabulary is not None:
-        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, rule.info.type, location)
+        fhir_type = rule.info.type
+        if rule.into is not None:
+            fhir_type = _into_type(rule)
+        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, fhir_type, location)
     if isinstance(value, Repetition):
         value = value.component(1)
     return value
+
+
+def _into_type(rule: Rule) -> str:
+    return element_info(rule.info.type, rule.into or "").type
+
+
+def _fill(template: dict[str, Any], into: str, value: Any) -> dict[str, Any]:
+    """A copy of `template` with `value` at the dotted path `into`."""
+    built = copy.deepcopy(template)
+    _set(built, into, value, False)
+    return built
 
 
 def _lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str) -> Any:

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from adapter.errors import MappingError
 from adapter.hl7.message import Hl7Message, Repetition, Segment
+from adapter.mapping.model import Council
 
 NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 NHS_VERIFICATION_EXTENSION = "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-NHSNumberVerificationStatus"
@@ -36,6 +37,10 @@ class MapContext:
     tz: ZoneInfo
     systems: dict[str, str]
     flags: list[str] = field(default_factory=list)
+    # lookup(vocabulary, value, fhir_type, location): a site code table, with its unmapped policy.
+    lookup: Callable[[str, Any, str, str], Any] | None = None
+    councils: tuple[Council, ...] = ()  # the councils this message is routed to
+    read: Callable[[str], str] | None = None  # first value at another location ("PID-32")
 
     def system(self, name: str) -> str:
         """A site identifier system by name, with {sending_facility} filled in."""
@@ -106,6 +111,18 @@ def datetime_(value: Any, ctx: MapContext) -> str | None:
     return moment.isoformat(timespec="seconds")
 
 
+def datetime_plus(value: Any, ctx: MapContext, days: int = 0) -> str | None:
+    """v2 DTM plus a number of days, as a FHIR dateTime at the precision sent (bridging care: 7 days)."""
+    raw = text(value)
+    if not raw:
+        return None
+    moment, parts = _parse_dtm(raw, ctx)
+    moment += timedelta(days=int(days))
+    if parts <= 3:
+        return moment.strftime("%Y-%m-%d")
+    return moment.isoformat(timespec="seconds")
+
+
 def instant(value: Any, ctx: MapContext) -> str | None:
     """v2 DTM -> FHIR instant (needs at least minutes; seconds and offset filled in)."""
     raw = text(value)
@@ -135,11 +152,19 @@ def _is_nhs_repetition(rep: Repetition) -> bool:
     return rep.component(4).upper() == "NHS" or rep.component(5).upper() == "NH"
 
 
-def cx_identifier(value: Any, ctx: MapContext, mrn_system: str = "mrn") -> dict[str, Any] | None:
+def cx_identifier(
+    value: Any,
+    ctx: MapContext,
+    mrn_system: str = "mrn",
+    verification_field: str = "",
+    verification_vocabulary: str = "",
+) -> dict[str, Any] | None:
     """PID-3 repetition (CX) -> Identifier: a valid NHS number, or a local number of the hospital.
 
     An NHS number that fails its check digit is kept as a local identifier, never sent as an NHS
-    number, and flagged for the audit record.
+    number, and flagged for the audit record. A valid one carries the UK Core verification-status
+    extension when `verification_field` (PID-32 in most English feeds) holds a code of
+    `verification_vocabulary`.
     """
     if not isinstance(value, Repetition):
         return None
@@ -148,10 +173,60 @@ def cx_identifier(value: Any, ctx: MapContext, mrn_system: str = "mrn") -> dict[
         return None
     if _is_nhs_repetition(value):
         if nhs_number_is_valid(number):
-            return {"system": NHS_NUMBER_SYSTEM, "value": number}
+            ident: dict[str, Any] = {"system": NHS_NUMBER_SYSTEM, "value": number}
+            status = _verification(ctx, verification_field, verification_vocabulary)
+            if status:
+                ident["extension"] = [{"url": NHS_VERIFICATION_EXTENSION, "valueCodeableConcept": status}]
+            return ident
         ctx.flags.append(f"{ctx.location}: invalid NHS number kept as a local identifier")
         return {"system": ctx.system("invalid-nhs-number"), "value": number, "use": "secondary"}
     return {"system": ctx.system(mrn_system), "value": number, "use": "usual"}
+
+
+def _verification(ctx: MapContext, location: str, vocabulary: str) -> Any:
+    if not (location and vocabulary and ctx.read and ctx.lookup):
+        return None
+    code = ctx.read(location)
+    return ctx.lookup(vocabulary, code, "CodeableConcept", location) if code else None
+
+
+def xon_ods_reference(value: Any, ctx: MapContext) -> dict[str, Any] | None:
+    """PD1-3 (XON) -> a Reference to the GP practice by its ODS code (XON-10, or XON-3 before v2.5)."""
+    if not isinstance(value, Repetition):
+        return None
+    code = (value.component(10) or value.component(3)).strip().upper()
+    if not code:
+        return None
+    ref: dict[str, Any] = {"identifier": {"system": ODS_ORGANIZATION_SYSTEM, "value": code}, "type": "Organization"}
+    if value.component(1):
+        ref["display"] = value.component(1)
+    return ref
+
+
+def cwe_concept(value: Any, ctx: MapContext, systems: str = "0396-CodingSystem") -> dict[str, Any] | None:
+    """A CWE/CE (code^text^coding system, e.g. DG1-3) -> CodeableConcept.
+
+    The coding system name is looked up in the `systems` code table; a code of a system the table
+    does not list is carried as text only, never sent under a guessed system.
+    """
+    if not isinstance(value, Repetition):
+        return None
+    code, display, system_name = value.component(1), value.component(2), value.component(3)
+    system = ctx.lookup(systems, system_name, "code", ctx.location) if (system_name and ctx.lookup) else None
+    if code and system:
+        coding = {"system": system, "code": code}
+        if display:
+            coding["display"] = display
+        return {"coding": [coding], "text": display} if display else {"coding": [coding]}
+    return {"text": display or code} if (display or code) else None
+
+
+def council(value: Any, ctx: MapContext) -> list[dict[str, Any]]:
+    """References to the councils the message is routed to (ServiceRequest.performer), by identifier."""
+    return [
+        {"identifier": {"system": c.system, "value": c.code}, "type": "Organization", "display": c.name}
+        for c in ctx.councils
+    ]
 
 
 def identifier(value: Any, ctx: MapContext, system: str) -> dict[str, Any] | None:
@@ -179,6 +254,10 @@ def constant_text(value: Any, ctx: MapContext, value_text: str = "") -> str | No
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "date": date,
     "dateTime": datetime_,
+    "dateTime_plus": datetime_plus,
+    "xon_ods_reference": xon_ods_reference,
+    "council": council,
+    "cwe_concept": cwe_concept,
     "instant": instant,
     "cx_identifier": cx_identifier,
     "identifier": identifier,

@@ -17,16 +17,21 @@ from adapter.mapping.fhirtypes import UnknownElement, element_info
 from adapter.mapping.functions import FUNCTIONS
 from adapter.mapping.model import (
     Condition,
+    Council,
     DatatypeMap,
     MappingSet,
     MessageMap,
     ResourceMap,
+    Route,
+    Routing,
     Rule,
     SiteConfig,
     Vocabulary,
 )
 
-SEGMENT_SOURCE = re.compile(r"^[A-Z][A-Z0-9]{2}-\d+(\.\d+){0,2}$")
+# "PID-3", "PID-11.5", "XAD.1.1"-style components, and a segment picked by one of its fields:
+# "OBX[3=DRD]-5" is OBX-5 of the first OBX whose OBX-3.1 is DRD.
+SEGMENT_SOURCE = re.compile(r"^[A-Z][A-Z0-9]{2}(\[\d+=[^\]=]+\])?-\d+(\.\d+){0,2}$")
 COMPONENT_SOURCE = re.compile(r"^\d+(\.\d+)?$")
 _RULE_KEYS = {
     "field",
@@ -40,8 +45,12 @@ _RULE_KEYS = {
     "value",
     "ref",
     "when",
+    "template",
+    "into",
+    "all_segments",
     "note",
 }
+_NO_SITE = SiteConfig({}, "reject", {})
 
 
 def load_mappings(root: Path) -> MappingSet:
@@ -90,6 +99,9 @@ def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     return value
 
 
+_SITE_KEYS = ("events", "unknown_events", "systems", "fields", "rules", "routing", "__file__")
+
+
 def _site(path: Path) -> SiteConfig:
     if not path.exists():
         raise ConfigError(f"{path}: missing (every mappings directory needs a site.yaml)")
@@ -102,10 +114,76 @@ def _site(path: Path) -> SiteConfig:
     if unknown not in ("reject", "ignore"):
         raise ConfigError(f"{path}: unknown_events: expected 'reject' or 'ignore'")
     systems = _need(data, "systems", dict, str(path))
-    extra = {k: v for k, v in data.items() if k not in ("events", "unknown_events", "systems", "__file__")}
+    fields: dict[str, str] = {}
+    for name, location in (data.get("fields") or {}).items():
+        if not SEGMENT_SOURCE.match(str(location)):
+            raise ConfigError(f"{path}: fields.{name}: '{location}' is not a valid location (e.g. ZDS-1, PV2-9)")
+        fields[str(name)] = str(location)
+    partial = SiteConfig({}, "reject", {}, fields=fields)
+    rules = {
+        str(name): _condition(raw, f"{path}: rules.{name}", partial) for name, raw in (data.get("rules") or {}).items()
+    }
+    partial = SiteConfig({}, "reject", {}, fields=fields, rules=rules)
+    routing = _routing(data.get("routing") or {}, f"{path}: routing", partial)
+    extra = {k: v for k, v in data.items() if k not in _SITE_KEYS}
     return SiteConfig(
-        {str(k): v for k, v in events.items()}, unknown, {str(k): str(v) for k, v in systems.items()}, extra
+        {str(k): v for k, v in events.items()},
+        unknown,
+        {str(k): str(v) for k, v in systems.items()},
+        extra,
+        fields,
+        rules,
+        routing,
     )
+
+
+def _routing(raw: Any, where: str, site: SiteConfig) -> Routing:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    postcode = _location(raw.get("postcode_field", "PID-11.5"), f"{where}.postcode_field", site)
+    authority = _location(raw.get("local_authority_field", "PID-11.9"), f"{where}.local_authority_field", site)
+    routes = []
+    for i, item in enumerate(raw.get("routes") or []):
+        rwhere = f"{where}.routes[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{rwhere}: expected a mapping")
+        targets = _names(_need(item, "targets", list, rwhere), f"{rwhere}.targets")
+        council = None
+        if "council" in item:
+            c = _need(item, "council", dict, rwhere)
+            council = Council(
+                str(_need(c, "name", str, f"{rwhere}.council")),
+                str(_need(c, "system", str, f"{rwhere}.council")),
+                str(_need(c, "code", (str, int), f"{rwhere}.council")),
+            )
+        districts = frozenset(d.upper().replace(" ", "") for d in _names(item.get("postcode_districts", []), rwhere))
+        authorities = frozenset(a.upper() for a in _names(item.get("local_authorities", []), rwhere))
+        when = _condition(item["when"], f"{rwhere}.when", site) if "when" in item else None
+        if not (districts or authorities or when):
+            raise ConfigError(f"{rwhere}: needs postcode_districts, local_authorities or when")
+        routes.append(Route(str(item.get("name", f"route {i}")), targets, council, districts, authorities, when))
+    unrouted = raw.get("unrouted") or {}
+    if not isinstance(unrouted, dict):
+        raise ConfigError(f"{where}.unrouted: expected a mapping such as {{targets: [default]}} or {{}}")
+    return Routing(postcode, authority, tuple(routes), _names(unrouted.get("targets", []), f"{where}.unrouted.targets"))
+
+
+def _names(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(v, str | int) for v in raw):
+        raise ConfigError(f"{where}: expected a list of names")
+    return tuple(str(v) for v in raw)
+
+
+def _location(raw: Any, where: str, site: SiteConfig) -> str:
+    """A field location, or "@name" for a location named in site.yaml `fields:`."""
+    source = str(raw)
+    if source.startswith("@"):
+        if source[1:] not in site.fields:
+            raise ConfigError(f"{where}: '{source}' is not named in site.yaml fields")
+        return site.fields[source[1:]]
+    if not SEGMENT_SOURCE.match(source):
+        raise ConfigError(f"{where}: '{source}' is not a valid location")
+    return source
 
 
 def _vocabulary(path: Path) -> Vocabulary:
@@ -142,7 +220,7 @@ def _datatype(path: Path, vocabularies: dict[str, Vocabulary], datatypes: dict[s
     fhir_type = _need(data, "fhirType", str, where)
     raw_rules = _need(data, "rules", list, where)
     rules = tuple(
-        _rule(r, fhir_type, f"{where}: rules[{i}]", vocabularies, datatypes, set(), relative=True)
+        _rule(r, fhir_type, f"{where}: rules[{i}]", vocabularies, datatypes, set(), _NO_SITE, relative=True)
         for i, r in enumerate(raw_rules)
     )
     return DatatypeMap(path.stem, fhir_type, rules)
@@ -160,14 +238,24 @@ def _message(
     event = _need(data, "event", str, where)
     if path.stem != f"ADT_{event}":
         raise ConfigError(f"{where}: event: '{event}' does not match the file name")
-    requires = tuple(str(r) for r in data.get("requires", []))
-    keys: set[str] = set()
+    requires = tuple(
+        _location(r, f"{where}: requires", site) if str(r).startswith("@") else str(r) for r in data.get("requires", [])
+    )
+    raw_resources = _need(data, "resources", list, where)
+    # Any resource of the message may be referenced, before or after it (A40: old <-> new Patient).
+    keys = {str(r.get("key")) for r in raw_resources if isinstance(r, dict)}
     resources = []
-    for i, raw in enumerate(_need(data, "resources", list, where)):
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_resources):
         rwhere = f"{where}: resources[{i}]"
         rm = _resource(raw, rwhere, segment_maps, datatypes, vocabularies, keys, site)
-        keys.add(rm.key)
+        if rm.key in seen:
+            raise ConfigError(f"{rwhere}: key: '{rm.key}' is used twice")
+        seen.add(rm.key)
         resources.append(rm)
+    for location in requires:
+        if "-" in location:
+            _location(location, f"{where}: requires", site)
     return MessageMap(
         event,
         str(data.get("description", "")),
@@ -204,15 +292,24 @@ def _resource(
         if seg_map.get("resourceType") != rtype:
             raise ConfigError(f"{swhere}: resourceType: maps to {seg_map.get('resourceType')}, included for {rtype}")
         for j, r in enumerate(_need(seg_map, "rules", list, swhere)):
-            rules.append(_rule(r, rtype, f"{swhere}: rules[{j}]", vocabularies, datatypes, keys, relative=False))
+            rules.append(_rule(r, rtype, f"{swhere}: rules[{j}]", vocabularies, datatypes, keys, site, relative=False))
     for j, r in enumerate(raw.get("rules", [])):
-        rules.append(_rule(r, rtype, f"{where}.rules[{j}]", vocabularies, datatypes, keys, relative=False))
+        rules.append(_rule(r, rtype, f"{where}.rules[{j}]", vocabularies, datatypes, keys, site, relative=False))
     identity = tuple(str(s) for s in raw.get("identity", []))
     for system in identity:
         if system not in site.systems:
             raise ConfigError(f"{where}: identity: no system '{system}' in site.yaml systems")
-    when = _condition(raw["when"], f"{where}: when") if "when" in raw else None
-    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, raw.get("profile"))
+    when = _condition(raw["when"], f"{where}: when", site) if "when" in raw else None
+    if raw.get("foreach") is not None and not re.match(r"^[A-Z][A-Z0-9]{2}$", str(raw["foreach"])):
+        raise ConfigError(f"{where}: foreach: '{raw['foreach']}' is not a segment name")
+    profile = raw.get("profile")
+    if profile is not None and not str(profile).startswith("https://fhir.hl7.org.uk/StructureDefinition/UKCore-"):
+        raise ConfigError(f"{where}: profile: only UK Core profiles are claimed")
+    anchor = tuple(str(k) for k in raw.get("anchor", []))
+    for name in anchor:
+        if name not in keys:
+            raise ConfigError(f"{where}: anchor: '{name}' is not a resource key of this message")
+    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, profile, anchor)
 
 
 def _rule(
@@ -222,6 +319,7 @@ def _rule(
     vocabularies: dict[str, Vocabulary],
     datatypes: dict[str, DatatypeMap],
     keys: set[str],
+    site: SiteConfig,
     *,
     relative: bool,
 ) -> Rule:
@@ -236,13 +334,26 @@ def _rule(
     except UnknownElement as exc:
         raise ConfigError(f"{where}: element: {exc}") from exc
     source = raw.get("component" if relative else "field")
-    if source is not None:
+    if source is not None and not relative:
+        source = _location(source, f"{where}: field", site)
+    elif source is not None:
         source = str(source)
-        pattern = COMPONENT_SOURCE if relative else SEGMENT_SOURCE
-        if not pattern.match(source):
-            raise ConfigError(f"{where}: {'component' if relative else 'field'}: '{source}' is not a valid location")
+        if not COMPONENT_SOURCE.match(source):
+            raise ConfigError(f"{where}: component: '{source}' is not a valid location")
     elif "value" not in raw and "ref" not in raw:
         raise ConfigError(f"{where}: needs one of field/component, value or ref")
+    into = raw.get("into")
+    template = raw.get("template")
+    value_info = info
+    if into is not None:
+        if not isinstance(template, dict):
+            raise ConfigError(f"{where}: into: needs a template (a mapping) to put the value into")
+        try:
+            value_info = element_info(info.type, str(into))
+        except UnknownElement as exc:
+            raise ConfigError(f"{where}: into: {exc}") from exc
+    elif template is not None:
+        raise ConfigError(f"{where}: template: needs into (where the value goes)")
     datatype = raw.get("datatype")
     if datatype is not None:
         if datatype not in datatypes:
@@ -258,18 +369,20 @@ def _rule(
     if vocabulary is not None:
         if vocabulary not in vocabularies:
             raise ConfigError(f"{where}: vocabulary: no vocabulary/{vocabulary}.yaml")
-        if info.type not in ("code", "Coding", "CodeableConcept"):
-            raise ConfigError(f"{where}: vocabulary: {element} is {info.type}, not a code, Coding or CodeableConcept")
+        if value_info.type not in ("code", "Coding", "CodeableConcept"):
+            raise ConfigError(
+                f"{where}: vocabulary: {into or element} is {value_info.type}, not a code, Coding or CodeableConcept"
+            )
     ref = raw.get("ref")
     if ref is not None:
         if info.type != "Reference":
             raise ConfigError(f"{where}: ref: {element} is {info.type}, not a Reference")
         if ref not in keys:
-            raise ConfigError(f"{where}: ref: '{ref}' is not a resource key defined before this one")
+            raise ConfigError(f"{where}: ref: '{ref}' is not a resource key of this message")
     args = raw.get("args", {})
     if not isinstance(args, dict):
         raise ConfigError(f"{where}: args: expected a mapping")
-    when = _condition(raw["when"], f"{where}: when") if "when" in raw else None
+    when = _condition(raw["when"], f"{where}: when", site) if "when" in raw else None
     return Rule(
         element=element,
         info=info,
@@ -283,15 +396,21 @@ def _rule(
         value=raw.get("value"),
         ref=ref,
         when=when,
+        template=template,
+        into=None if into is None else str(into),
+        all_segments=bool(raw.get("all_segments", False)),
     )
 
 
-def _condition(raw: Any, where: str) -> Condition:
+def _condition(raw: Any, where: str, site: SiteConfig) -> Condition:
+    if isinstance(raw, dict) and set(raw) == {"rule"}:
+        name = str(raw["rule"])
+        if name not in site.rules:
+            raise ConfigError(f"{where}: rule: no rule '{name}' in site.yaml rules")
+        return site.rules[name]
     if not isinstance(raw, dict) or "field" not in raw:
-        raise ConfigError(f"{where}: expected {{field: PV1-36, equals|one_of|present: ...}}")
-    source = str(raw["field"])
-    if not SEGMENT_SOURCE.match(source):
-        raise ConfigError(f"{where}: field: '{source}' is not a valid location")
+        raise ConfigError(f"{where}: expected {{field: PV1-36, equals|one_of|present: ...}} or {{rule: name}}")
+    source = _location(raw["field"], f"{where}: field", site)
     one_of = raw.get("one_of", [])
     if not isinstance(one_of, list):
         raise ConfigError(f"{where}: one_of: expected a list")

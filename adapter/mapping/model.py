@@ -35,6 +35,11 @@ class Rule:
     value: Any = None
     ref: str | None = None
     when: Condition | None = None
+    # `template` + `into`: the element gets a copy of `template` with the value set at `into`
+    # (one CarePlan.activity per service, each with its detail.status).
+    template: dict[str, Any] | None = None
+    into: str | None = None
+    all_segments: bool = False  # read the field from every segment of that name (each DG1, each NTE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,9 @@ class ResourceMap:
     when: Condition | None = None
     identity: tuple[str, ...] = ()  # site system names to conditionally update on, in preference order
     profile: str | None = None
+    # Without an identity, the id derives from these resources' ids (keys) and the occurrence number,
+    # so the same next of kin gets the same id from every event.
+    anchor: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +93,47 @@ class MessageMap:
 
 
 @dataclass(frozen=True, slots=True)
+class Council:
+    """A council a route delivers to: the ServiceRequest performer, by name and identifier."""
+
+    name: str
+    system: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One routing rule: a message whose patient address (or a field) matches goes to `targets`."""
+
+    name: str
+    targets: tuple[str, ...]
+    council: Council | None = None
+    postcode_districts: frozenset[str] = frozenset()
+    local_authorities: frozenset[str] = frozenset()
+    when: Condition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """site.yaml `routing:`: where the address is read, the rules, and what happens with no match."""
+
+    postcode_field: str = "PID-11.5"
+    local_authority_field: str = "PID-11.9"
+    routes: tuple[Route, ...] = ()
+    unrouted_targets: tuple[str, ...] = ()  # empty: a message no rule matches is kept, not delivered
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
-    """Site choices (mappings/site.yaml): which events are processed, identifier systems."""
+    """Site choices (mappings/site.yaml): which events are processed, identifier systems, routing."""
 
     events: dict[str, Literal["process", "ignore"]]
     unknown_events: Literal["reject", "ignore"]
     systems: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # named locations: pathway -> ZDS-1
+    rules: dict[str, Condition] = field(default_factory=dict)  # named conditions: social_admission
+    routing: Routing = field(default_factory=Routing)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ class Outcome(StrEnum):
     FILTERED = "filtered"  # AA sent, nothing to deliver by site configuration
     DUPLICATE = "duplicate"  # same MSH-4 + MSH-10 as an accepted message; AA sent, not queued again
     REFUSED = "refused"  # AE or AR sent; kept with the reason
+    UNROUTED = "unrouted"  # AA sent; kept with the reason: no site.yaml routing rule chose a target
 
 
 class DeliveryState(StrEnum):
