@@ -126,15 +126,21 @@ def _entry_locations(response: httpx.Response) -> list[str]:
 
 
 def _diagnostics(outcome: str | None) -> str:
-    """The OperationOutcome's first issue, in words a person can act on (no resource content)."""
+    """The OperationOutcome's first issue as coded fields and where (severity, code, details code, expression).
+
+    Never the free text: servers quote the refused resource in `diagnostics` and `details.text`,
+    and this reason is logged. The whole OperationOutcome is kept with the dead letter instead.
+    """
     if not outcome:
         return "no OperationOutcome"
     try:
         body = orjson.loads(outcome)
         issue = body.get("issue", [{}])[0]
-        text = issue.get("diagnostics") or issue.get("details", {}).get("text") or issue.get("code", "")
-        where = ", ".join(issue.get("expression", []) or issue.get("location", []))
-        return f"{text} ({where})" if where else str(text)
+        codings = (issue.get("details") or {}).get("coding") or [{}]
+        parts = [issue.get("severity", ""), issue.get("code", ""), codings[0].get("code", "")]
+        text = " ".join(str(p) for p in parts if p) or "issue without a code"
+        where = ", ".join(str(w) for w in issue.get("expression", []) or issue.get("location", []))
+        return f"{text} ({where})" if where else text
     except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
         return "unreadable OperationOutcome"
 

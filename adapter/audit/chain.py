@@ -118,5 +118,15 @@ def verify(records: Iterable[ChainRecord], head: Head | None, key: bytes | None 
 
 
 def canonical_detail(detail: dict[str, Any]) -> str:
-    """The JSON text stored (and hashed) for a detail dict."""
+    """The JSON text stored (and hashed) for a detail dict.
+
+    A server's response body (`outcome`: an OperationOutcome may quote the refused resource) is kept
+    as its sha256 and size: audit records outlive the retention purge and cannot be edited without
+    breaking the chain, so they must not hold patient data. The text itself stays on the outbox row.
+    """
+    outcome = detail.get("outcome")
+    if isinstance(outcome, str):
+        detail = {k: v for k, v in detail.items() if k != "outcome"}
+        detail["outcome_sha256"] = hashlib.sha256(outcome.encode()).hexdigest()
+        detail["outcome_size"] = len(outcome)
     return orjson.dumps(detail).decode()
