@@ -113,7 +113,7 @@ class App:
         log.info(
             "homeward.started",
             version=__version__,
-            store=str(self.settings.store.path),
+            store="postgresql" if self.settings.store.url else str(self.settings.store.path),
             target=target_desc,
             events=sorted(self.mappings.messages),
         )

@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, check-config, audit, dead-letters, replay."""
+"""The `homeward` command: serve, map, send, migrate, check-config, audit, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -83,6 +83,14 @@ def cmd_send(args: argparse.Namespace) -> int:
             if b"MSA|AA" not in ack:
                 worst = 1
     return worst
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Create or update the store's schema (PostgreSQL: run once before starting the instances)."""
+    from adapter.store import migrate
+
+    print(migrate(_settings(args)))
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument("files", nargs="+")
     send.set_defaults(func=cmd_send)
+    migrate = with_config(sub.add_parser("migrate", help="create or update the store's schema"))
+    migrate.set_defaults(func=cmd_migrate)
     check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)

@@ -42,6 +42,11 @@ class StoreSettings(_Section):
     path: Path = Path("var/homeward.sqlite3")
     # FULL survives power loss as well as a process crash; the ACK means "durably stored".
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    # "postgresql://user@host/db": the shared PostgreSQL store, for several instances on one
+    # database (run `homeward migrate` first). Empty: the SQLite file at `path`.
+    url: str = Field(default="", pattern=r"^(postgres(ql)?://.*)?$")
+    # PostgreSQL connections for intake and bookkeeping (claims being sent hold one more each).
+    max_connections: int = Field(default=8, ge=1, le=64)
 
 
 class FhirSettings(_Section):

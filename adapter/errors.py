@@ -105,9 +105,13 @@ class DeliveryError(AdapterError):
         status: int | None = None,
         retry_after: float | None = None,
         outcome: str | None = None,
+        diagnostics: str = "",
     ):
         super().__init__(reason)
-        self.reason = reason
+        self.reason = reason  # logged and audited: never patient data
+        # The server's own words (OperationOutcome diagnostics), which may quote the refused resource:
+        # kept on the outbox row for people (last_error), never logged or audited.
+        self.diagnostics = diagnostics
         self.status = status
         self.retry_after = retry_after
         # The server's OperationOutcome (JSON text), kept for the audit record and the dead letter.

@@ -194,7 +194,10 @@ class Forwarder:
         )
         if give_up is not None:
             reason = f"{exc.reason} ({give_up})"
-            await self.store.dead_letter(item, now, reason, detail)
+            detail["reason"] = reason
+            # The row's last_error also carries the server's own words for the person who reads it.
+            for_people = f"{reason}; server said: {exc.diagnostics}" if exc.diagnostics else reason
+            await self.store.dead_letter(item, now, for_people, detail)
             metrics.DEAD_LETTERED.labels(item.event or "unknown", item.target).inc()
             bound.error("message.dead_lettered", status=exc.status, reason=reason)
             return

@@ -93,7 +93,10 @@ class FhirTarget:
                 outcome=outcome,
             )
         raise PermanentDelivery(
-            f"HTTP {status} from {self.name}: {_diagnostics(outcome)}", status=status, outcome=outcome
+            f"HTTP {status} from {self.name}: {_coded_issue(outcome)}",
+            status=status,
+            outcome=outcome,
+            diagnostics=_diagnostics(outcome),
         )
 
     async def aclose(self) -> None:
@@ -125,11 +128,11 @@ def _entry_locations(response: httpx.Response) -> list[str]:
     return [str(e.get("response", {}).get("location", "")) for e in body.get("entry", []) if isinstance(e, dict)]
 
 
-def _diagnostics(outcome: str | None) -> str:
+def _coded_issue(outcome: str | None) -> str:
     """The OperationOutcome's first issue as coded fields and where (severity, code, details code, expression).
 
     Never the free text: servers quote the refused resource in `diagnostics` and `details.text`,
-    and this reason is logged. The whole OperationOutcome is kept with the dead letter instead.
+    and this goes into logs and audit records.
     """
     if not outcome:
         return "no OperationOutcome"
@@ -143,6 +146,15 @@ def _diagnostics(outcome: str | None) -> str:
         return f"{text} ({where})" if where else text
     except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
         return "unreadable OperationOutcome"
+
+
+def _diagnostics(outcome: str | None) -> str:
+    """The first issue's free text, for people reading the dead letter (may quote patient data)."""
+    try:
+        issue = orjson.loads(outcome or "{}").get("issue", [{}])[0]
+        return str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")
+    except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
+        return ""
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

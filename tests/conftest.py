@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite files, the MLLP listener on a free port, `homeward serve` as a subprocess."""
+"""Shared fixtures: real SQLite files, real PostgreSQL schemas, the MLLP listener on a free port, `homeward serve`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from tests.fhir_server import FhirServer
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 MAPPINGS = ROOT / "mappings"
+# The machine's PostgreSQL (trust auth); HOMEWARD_TEST_POSTGRES_URL points the tests elsewhere.
+POSTGRES_URL = os.environ.get("HOMEWARD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -147,6 +150,65 @@ def ack_fields(ack: bytes) -> dict[str, list[str]]:
             fields.insert(1, "|")
         segments[fields[0]] = fields
     return segments
+
+
+def _postgres_reachable() -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except psycopg.Error as exc:
+        return str(exc)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL server's URL; started with pg_ctlcluster if it is down. Fails (never skips) if unreachable."""
+    problem = _postgres_reachable()
+    if problem is not None and Path("/etc/postgresql").is_dir():
+        for version in sorted(p.name for p in Path("/etc/postgresql").iterdir()):
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        deadline = time.monotonic() + 30
+        while problem is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            problem = _postgres_reachable()
+    if problem is not None:
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is unreachable (the PostgreSQL store tests need it): {problem}")
+    return POSTGRES_URL
+
+
+def new_schema(server_url: str) -> str:
+    """Create a fresh schema and return a URL whose search_path is it."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    joiner = "&" if "?" in server_url else "?"
+    return f"{server_url}{joiner}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(url: str) -> None:
+    import psycopg
+
+    base, _, schema = url.rpartition("options=-csearch_path%3D")
+    with psycopg.connect(base.rstrip("?&"), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema of its own, dropped after the test."""
+    url = new_schema(postgres_server)
+    yield url
+    drop_schema(url)
 
 
 @pytest.fixture(scope="session")

@@ -322,7 +322,9 @@ class SqliteStore:
                 " last_outcome = ? WHERE id = ?",
                 (reason, detail.get("outcome"), item.id),
             )
-            _audit(conn, item.inbound_id, item.id, "dead_lettered", {**detail, "reason": reason})
+            # detail's own reason wins: `reason` (kept as last_error for people) may quote the server's
+            # words, and audit records outlive the retention purge.
+            _audit(conn, item.inbound_id, item.id, "dead_lettered", {"reason": reason, **detail})
 
         await self._guarded(op)
 
