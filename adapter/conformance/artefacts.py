@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,15 @@ def _service_request_differential() -> list[dict[str, Any]]:
             },
         },
         {
+            "id": "ServiceRequest.orderDetail",
+            "path": "ServiceRequest.orderDetail",
+            "binding": {
+                "strength": "extensible",
+                "description": "The site's service table; a service it does not list is sent as text",
+                "valueSet": SERVICE_VALUE_SET,
+            },
+        },
+        {
             "id": "ServiceRequest.subject",
             "path": "ServiceRequest.subject",
             "type": [{"code": "Reference", "targetProfile": [f"{UKCORE}/UKCore-Patient"]}],
@@ -130,8 +140,8 @@ def _care_plan_differential() -> list[dict[str, Any]]:
                 {
                     "key": "hw-cp-1",
                     "severity": "error",
-                    "human": "Every activity refers to the discharge referral (a ServiceRequest)",
-                    "expression": "activity.all(reference.exists() and reference.reference.exists())",
+                    "human": "One activity refers to the discharge referral (the ServiceRequest)",
+                    "expression": "activity.reference.reference.exists()",
                     "source": CARE_PLAN_PROFILE,
                 }
             ],
@@ -153,8 +163,16 @@ def _care_plan_differential() -> list[dict[str, Any]]:
         {
             "id": "CarePlan.activity.reference",
             "path": "CarePlan.activity.reference",
-            "min": 1,
             "type": [{"code": "Reference", "targetProfile": [SERVICE_REQUEST_PROFILE]}],
+        },
+        {
+            "id": "CarePlan.activity.detail.code",
+            "path": "CarePlan.activity.detail.code",
+            "binding": {
+                "strength": "extensible",
+                "description": "The site's service table; a service it does not list is sent as text",
+                "valueSet": SERVICE_VALUE_SET,
+            },
         },
     ]
 
@@ -215,7 +233,8 @@ def _site_codings(mappings: MappingSet) -> dict[tuple[str, str], list[dict[str, 
     for mm in mappings.messages.values():
         for rm in mm.resources:
             for rule in rm.rules:
-                key = (rm.resource_type, rule.element.split("[")[0])
+                element = re.sub(r"\[[^\]]*\]", "", rule.element)
+                key = (rm.resource_type, f"{element}.{rule.into}" if rule.into else element)
                 codings = _codings(rule.value) if rule.value is not None else []
                 if rule.vocabulary is not None:
                     vocab = mappings.vocabularies[rule.vocabulary]
@@ -424,7 +443,12 @@ def build(
     terminology: list[dict[str, Any]] = []
     for system in sorted({c["system"] for c in all_codings if _local(c["system"])}):
         terminology.append(_code_system(system, [c for c in all_codings if c["system"] == system]))
-    services = site.get(("ServiceRequest", "code"), [])
+    service_elements = [
+        ("ServiceRequest", "code"),
+        ("ServiceRequest", "orderDetail"),
+        ("CarePlan", "activity.detail.code"),
+    ]
+    services = [c for key in service_elements for c in site.get(key, [])]
     own = _value_set(SERVICE_VALUE_SET, "Discharge services Homeward may request", services)
     terminology.append(own)
     terminology += _required_expansions(profiles, defs, {SERVICE_VALUE_SET})
@@ -435,14 +459,22 @@ def build(
         "entry": [{"fullUrl": r["url"], "resource": r} for r in terminology],
     }
     tz = ZoneInfo(timezone)
-    for path in sorted(golden_dir.glob("*/*.hl7")):
-        if not path.with_suffix(".bundle.json").exists():
-            continue  # a case that must be refused has no bundle to show
+    for path in _example_cases(golden_dir):
         bundle = map_message(parse(path.read_bytes()), mappings, tz).bundle
         name = f"{path.parent.name}-{path.stem}"
         rid = name.replace("_", "-")  # a FHIR id allows no underscore
         files[f"examples/Bundle-{name}.json"] = {"resourceType": "Bundle", "id": rid, **bundle}
     return files
+
+
+def _example_cases(golden_dir: Path) -> list[Path]:
+    """One golden message per event: its `basic` case, else the first case that maps to a bundle."""
+    chosen = []
+    for folder in sorted(p for p in golden_dir.iterdir() if p.is_dir()):
+        cases = [p for p in sorted(folder.glob("*.hl7")) if p.with_suffix(".bundle.json").exists()]
+        basic = [p for p in cases if p.stem == "basic"]
+        chosen += (basic or cases)[:1]
+    return chosen
 
 
 def render(resource: dict[str, Any]) -> str:
@@ -460,10 +492,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = build(args.mappings, args.golden, args.ukcore, args.definitions)
     stale = [n for n, r in files.items() if not (args.out / n).exists() or (args.out / n).read_text() != render(r)]
+    extra = [
+        str(p.relative_to(args.out)) for p in args.out.rglob("*.json") if str(p.relative_to(args.out)) not in files
+    ]
     if args.check:
+        stale += extra
         for name in stale:
             print(f"{args.out / name}: out of date", file=sys.stderr)
         return 1 if stale else 0
+    for path in sorted(args.out.rglob("*.json")):
+        if str(path.relative_to(args.out)) not in files:
+            path.unlink()
+            print(f"removed {path}")
     for name in stale:
         (args.out / name).parent.mkdir(parents=True, exist_ok=True)
         (args.out / name).write_text(render(files[name]), encoding="utf-8")
