@@ -13,31 +13,15 @@ from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.errors import ConfigError, StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
-from adapter.intake import DEFAULT_TARGET, Intake, IntakeOptions
+from adapter.intake import Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
 from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store import open_store
-from adapter.targets import DirectoryTarget, FhirTarget, Target
+from adapter.targets import build_targets
 
 log = structlog.get_logger("homeward.app")
-
-
-def build_targets(settings: Settings) -> dict[str, Target]:
-    """The delivery targets: the FHIR server when fhir.base_url is set, else the directory drop."""
-    target: Target
-    if settings.fhir.base_url:
-        target = FhirTarget(
-            DEFAULT_TARGET,
-            settings.fhir.base_url,
-            connect_timeout=settings.fhir.connect_timeout_seconds,
-            read_timeout=settings.fhir.read_timeout_seconds,
-            max_connections=settings.fhir.max_in_flight,
-        )
-    else:
-        target = DirectoryTarget(DEFAULT_TARGET, settings.outbox.dir)
-    return {DEFAULT_TARGET: target}
 
 
 class App:
@@ -56,7 +40,12 @@ class App:
                 f" (configured: {sorted(self.targets)})"
             )
         self.forwarder = Forwarder(
-            self.store, self.targets, RetryPolicy(settings.retry), max_in_flight=settings.fhir.max_in_flight
+            self.store,
+            self.targets,
+            RetryPolicy(settings.retry),
+            # One worker per allowed request: the [fhir] cap plus each named target's.
+            max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
+            policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
         )
         options = IntakeOptions(
             timezone=settings.mapping.timezone,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from adapter.errors import ConfigError
 
@@ -20,6 +20,9 @@ def _default_mappings_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return Path("mappings")
+
+
+DeliveryMode = Literal["transaction", "batch", "conditional", "message"]
 
 
 class _Section(BaseModel):
@@ -56,6 +59,8 @@ class FhirSettings(_Section):
     read_timeout_seconds: float = Field(default=30.0, gt=0)
     # httpx collapses with many requests in flight on one client (PERFORMANCE.md); 4 did well.
     max_in_flight: int = Field(default=4, ge=1, le=64)
+    # How bundles are sent (README "Delivery"): transaction | batch | conditional | message.
+    mode: DeliveryMode = "transaction"
 
 
 class OutboxSettings(_Section):
@@ -68,6 +73,73 @@ class RetrySettings(_Section):
     max_seconds: float = Field(default=300.0, gt=0)
     # After this long undelivered, a message goes to the dead letters whatever its attempt count.
     max_age_seconds: float = Field(default=86_400.0, gt=0)
+
+
+class AuthSettings(_Section):
+    """Outbound auth for one target. Secrets are named here (a variable or a file), never written here."""
+
+    kind: Literal["none", "oauth2"] = "none"
+    token_url: str = ""
+    client_id: str = ""
+    scope: str = ""
+    # client_secret: HTTP Basic with the secret (RFC 6749 2.3.1); private_key_jwt: a signed JWT
+    # client assertion (RFC 7523), as SMART backend services require.
+    client_auth: Literal["client_secret", "private_key_jwt"] = "client_secret"
+    client_secret_env: str = ""
+    client_secret_file: Path | None = None
+    private_key_env: str = ""
+    private_key_file: Path | None = None
+    key_id: str = ""
+    algorithm: Literal["RS384", "ES384", "RS256", "ES256"] = "RS384"
+    # A token is renewed this long before it expires, so no request goes out with a dying one.
+    refresh_margin_seconds: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuthSettings:
+        if self.kind == "none":
+            return self
+        missing = [k for k in ("token_url", "client_id") if not getattr(self, k)]
+        if self.client_auth == "client_secret" and not (self.client_secret_env or self.client_secret_file):
+            missing.append("client_secret_env or client_secret_file")
+        if self.client_auth == "private_key_jwt" and not (self.private_key_env or self.private_key_file):
+            missing.append("private_key_env or private_key_file")
+        if missing:
+            raise ValueError(f"oauth2 needs {', '.join(missing)}")
+        return self
+
+
+class TargetSettings(_Section):
+    """One delivery target ([[targets]]); site.yaml routes name these."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["fhir", "directory"] = "fhir"
+    mode: DeliveryMode = "transaction"
+    base_url: str = ""
+    dir: Path | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    read_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_in_flight: int = Field(default=4, ge=1, le=64)
+    # Extra request headers: `headers` for plain values, `headers_env` maps a header to the
+    # environment variable holding its value (API keys).
+    headers: dict[str, str] = {}
+    headers_env: dict[str, str] = {}
+    # mutual TLS towards the server, and the CA that signed it (default: the system's).
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    ca_file: Path | None = None
+    # This target's own retry policy; default: the [retry] section.
+    retry: RetrySettings | None = None
+    auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _complete(self) -> TargetSettings:
+        if self.kind == "fhir" and not self.base_url:
+            raise ValueError(f"target '{self.name}': a fhir target needs base_url")
+        if self.kind == "directory" and self.dir is None:
+            raise ValueError(f"target '{self.name}': a directory target needs dir")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError(f"target '{self.name}': client_cert_file and client_key_file go together")
+        return self
 
 
 class LogSettings(_Section):
@@ -112,6 +184,15 @@ class Settings(_Section):
     hl7: Hl7Settings = Hl7Settings()
     audit: AuditSettings = AuditSettings()
     admin: AdminSettings = AdminSettings()
+    # More delivery targets, each with its own mode, retry policy and auth (README "Delivery").
+    targets: list[TargetSettings] = []
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> Settings:
+        names = [t.name for t in self.targets]
+        if len(names) != len(set(names)):
+            raise ValueError("[[targets]] names must be unique")
+        return self
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -148,7 +229,8 @@ def env_names() -> dict[str, tuple[str, str]]:
     names = dict(ENV_ALIASES)
     for section, field in Settings.model_fields.items():
         model = field.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue  # [[targets]]: TOML only
         for key in model.model_fields:
             names[f"HOMEWARD_{section.upper()}_{key.upper()}"] = (section, key)
     return names

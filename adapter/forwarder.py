@@ -68,10 +68,12 @@ class Forwarder:
         *,
         max_in_flight: int = 4,
         clock: Callable[[], float] = time.time,
+        policies: dict[str, RetryPolicy] | None = None,
     ):
         self.store = store
         self.targets = targets
         self.policy = policy
+        self.policies = policies or {}  # a target's own retry policy; others use `policy`
         self.max_in_flight = max_in_flight
         self.clock = clock
         self._wake = asyncio.Event()
@@ -187,11 +189,9 @@ class Forwarder:
             "duration_ms": round(elapsed * 1000, 3),
             "outcome": exc.outcome,
         }
-        give_up = (
-            "permanent error"
-            if not exc.retryable
-            else self.policy.gives_up(attempts, now - (item.queued_at or item.created_at))
-        )
+        policy = self.policies.get(item.target, self.policy)
+        age = now - (item.queued_at or item.created_at)
+        give_up = "permanent error" if not exc.retryable else policy.gives_up(attempts, age)
         if give_up is not None:
             reason = f"{exc.reason} ({give_up})"
             detail["reason"] = reason
@@ -201,6 +201,6 @@ class Forwarder:
             metrics.DEAD_LETTERED.labels(item.event or "unknown", item.target).inc()
             bound.error("message.dead_lettered", status=exc.status, reason=reason)
             return
-        delay = self.policy.delay(attempts, exc.retry_after)
+        delay = policy.delay(attempts, exc.retry_after)
         await self.store.reschedule(item, now + delay, exc.reason, {**detail, "retry_in_seconds": round(delay, 3)})
         bound.warning("message.retry_scheduled", status=exc.status, reason=exc.reason, retry_in_seconds=round(delay, 3))

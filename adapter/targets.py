@@ -11,6 +11,7 @@ import contextlib
 import email.utils
 import os
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from adapter.errors import PermanentDelivery, RetryableDelivery
+from adapter import modes
+from adapter.auth import OAuth2ClientCredentials, read_secret
+from adapter.config import AuthSettings, Settings, TargetSettings
+from adapter.errors import ConfigError, PermanentDelivery, RetryableDelivery
 from adapter.store.base import OutboxItem
 
 FHIR_JSON = "application/fhir+json"
@@ -44,10 +48,12 @@ def map_exceptions() -> Iterator[None]:
         raise RetryableDelivery(f"timed out ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise RetryableDelivery(f"transport error ({type(exc).__name__})") from exc
+    except ssl.SSLError as exc:  # TLS 1.3 reports a refused client certificate on the first read, unwrapped
+        raise RetryableDelivery(f"transport error (TLS: {exc.reason})") from exc
 
 
 class FhirTarget:
-    """POSTs each transaction Bundle to the server's base URL."""
+    """Sends each message's Bundle to a FHIR server in the target's delivery mode (adapter/modes.py)."""
 
     def __init__(
         self,
@@ -58,49 +64,146 @@ class FhirTarget:
         read_timeout: float,
         max_connections: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
+        mode: str = "transaction",
+        headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        auth: AuthSettings | None = None,
     ):
         self.name = name
         self.base_url = base_url.rstrip("/")
+        self.mode = mode
+        verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             # Sized to the forwarder's in-flight cap: one connection per request, kept alive.
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            headers={"Accept": FHIR_JSON, "User-Agent": "homeward"},
+            headers={"Accept": FHIR_JSON, "User-Agent": "homeward", **(headers or {})},
             transport=transport,
+            verify=verify,
         )
+        self._token_client: httpx.AsyncClient | None = None
+        if auth is not None and auth.kind == "oauth2":
+            self._token_client = httpx.AsyncClient(
+                timeout=httpx.Timeout(read_timeout, connect=connect_timeout), transport=transport, verify=verify
+            )
+            self.client.auth = OAuth2ClientCredentials(auth, name, self._token_client)
 
     async def send(self, item: OutboxItem) -> dict[str, Any]:
         started = time.perf_counter()
+        status = 200
+        if self.mode == "conditional":
+            locations = await self._send_each(item)
+        else:
+            url, body = self.base_url or "/", item.bundle
+            if self.mode == "batch":
+                body = orjson.dumps(modes.as_batch(orjson.loads(item.bundle)))
+            elif self.mode == "message":
+                url = f"{self.base_url}/$process-message"
+                seed = f"{item.sending_facility}|{item.message_control_id}|{item.inbound_id}"
+                body = orjson.dumps(modes.as_message(orjson.loads(item.bundle), seed, source="urn:homeward"))
+            response = await self._post(url, body)
+            if self.mode == "batch":
+                _check_batch(response, self.name)
+            locations, status = _entry_locations(response), response.status_code
+        return {
+            "target": self.name,
+            "mode": self.mode,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "response": locations,
+        }
+
+    async def _post(self, url: str, body: bytes) -> httpx.Response:
         with map_exceptions():
-            response = await self.client.post(
-                self.base_url or "/", content=item.bundle, headers={"Content-Type": FHIR_JSON}
-            )
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        status = response.status_code
-        if 200 <= status < 300:
-            return {
-                "target": self.name,
-                "status": status,
-                "duration_ms": duration_ms,
-                "response": _entry_locations(response),
-            }
-        outcome = response.text[:8192] if response.content else None
-        if status in RETRYABLE_STATUS or status >= 500:
-            raise RetryableDelivery(
-                f"HTTP {status} from {self.name}",
-                status=status,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                outcome=outcome,
-            )
-        raise PermanentDelivery(
-            f"HTTP {status} from {self.name}: {_coded_issue(outcome)}",
-            status=status,
-            outcome=outcome,
-            diagnostics=_diagnostics(outcome),
-        )
+            response = await self.client.post(url, content=body, headers={"Content-Type": FHIR_JSON})
+        _check(response, self.name)
+        return response
+
+    async def _send_each(self, item: OutboxItem) -> list[str]:
+        """One conditional PUT per entry; later entries refer to the ids the server gave earlier ones."""
+        bundle = orjson.loads(item.bundle)
+        refs = modes.identifier_refs(bundle)
+        locations = []
+        for full_url, url, resource in modes.conditional_requests(bundle):
+            body = orjson.dumps(modes.rewrite_references(resource, refs))
+            with map_exceptions():
+                response = await self.client.put(
+                    f"{self.base_url}/{url}", content=body, headers={"Content-Type": FHIR_JSON}
+                )
+            _check(response, self.name)
+            location = _location(response, resource.get("resourceType", ""))
+            locations.append(location)
+            if full_url and location:
+                refs[full_url] = {"reference": "/".join(location.split("/")[:2])}
+        return locations
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._token_client is not None:
+            await self._token_client.aclose()
+
+
+def _check(response: httpx.Response, name: str) -> None:
+    """Raise for a non-2xx answer: retryable (408/425/429/5xx, with Retry-After) or permanent (OperationOutcome kept)."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    outcome = response.text[:8192] if response.content else None
+    if status in RETRYABLE_STATUS or status >= 500:
+        raise RetryableDelivery(
+            f"HTTP {status} from {name}",
+            status=status,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            outcome=outcome,
+        )
+    raise PermanentDelivery(
+        f"HTTP {status} from {name}: {_coded_issue(outcome)}",
+        status=status,
+        outcome=outcome,
+        diagnostics=_diagnostics(outcome),
+    )
+
+
+def _check_batch(response: httpx.Response, name: str) -> None:
+    """A batch-response is 200 even when entries failed: any failed entry fails the whole message."""
+    try:
+        entries = orjson.loads(response.content).get("entry", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        raise RetryableDelivery(f"unreadable batch-response from {name}") from None
+    worst: tuple[int, str | None] | None = None
+    for entry in entries:
+        text = str(entry.get("response", {}).get("status", "200"))
+        code = int(text.split()[0]) if text.split() and text.split()[0].isdigit() else 500
+        if code >= 300:
+            outcome = entry.get("response", {}).get("outcome")
+            retryable = code in RETRYABLE_STATUS or code >= 500
+            if worst is None or retryable:
+                worst = (code, orjson.dumps(outcome).decode() if outcome else None)
+    if worst is None:
+        return
+    code, outcome = worst
+    if code in RETRYABLE_STATUS or code >= 500:
+        raise RetryableDelivery(f"batch entry HTTP {code} from {name}", status=code, outcome=outcome)
+    raise PermanentDelivery(
+        f"batch entry HTTP {code} from {name}: {_coded_issue(outcome)}",
+        status=code,
+        outcome=outcome,
+        diagnostics=_diagnostics(outcome),
+    )
+
+
+def _location(response: httpx.Response, resource_type: str) -> str:
+    """Type/id[/_history/v] of what a PUT wrote: the Location header, else the returned resource's id."""
+    header = response.headers.get("Location") or response.headers.get("Content-Location") or ""
+    if header:
+        parts = header.rstrip("/").split("/")
+        if resource_type in parts:
+            return "/".join(parts[parts.index(resource_type) :])
+    try:
+        body = orjson.loads(response.content)
+        return f"{body['resourceType']}/{body['id']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -206,3 +309,63 @@ class DirectoryTarget:
 
     async def aclose(self) -> None:
         return None
+
+
+DEFAULT_TARGET = "default"
+
+
+def client_ssl_context(t: TargetSettings) -> ssl.SSLContext | None:
+    """The TLS context for a target with its own CA and/or client certificate (mutual TLS); None: system defaults."""
+    if t.ca_file is None and t.client_cert_file is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(t.ca_file) if t.ca_file else None)
+        if t.client_cert_file is not None and t.client_key_file is not None:
+            context.load_cert_chain(str(t.client_cert_file), str(t.client_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"target '{t.name}': cannot load TLS files ({exc})") from exc
+    return context
+
+
+def build_target(t: TargetSettings) -> Target:
+    if t.kind == "directory":
+        assert t.dir is not None
+        return DirectoryTarget(t.name, t.dir)
+    headers = dict(t.headers)
+    for header, env in t.headers_env.items():
+        headers[header] = read_secret(env, None, f"target '{t.name}' header {header}")
+    return FhirTarget(
+        t.name,
+        t.base_url,
+        connect_timeout=t.connect_timeout_seconds,
+        read_timeout=t.read_timeout_seconds,
+        max_connections=t.max_in_flight,
+        mode=t.mode,
+        headers=headers,
+        ssl_context=client_ssl_context(t),
+        auth=t.auth,
+    )
+
+
+def build_targets(settings: Settings) -> dict[str, Target]:
+    """Every delivery target by name.
+
+    "default" is the single target of the [fhir] / [outbox] sections: the FHIR server when
+    fhir.base_url is set, else the directory drop (left out when [[targets]] are configured and
+    fhir.base_url is empty). [[targets]] add named targets; one named "default" replaces it.
+    """
+    targets: dict[str, Target] = {}
+    if settings.fhir.base_url:
+        targets[DEFAULT_TARGET] = FhirTarget(
+            DEFAULT_TARGET,
+            settings.fhir.base_url,
+            connect_timeout=settings.fhir.connect_timeout_seconds,
+            read_timeout=settings.fhir.read_timeout_seconds,
+            max_connections=settings.fhir.max_in_flight,
+            mode=settings.fhir.mode,
+        )
+    elif not settings.targets:
+        targets[DEFAULT_TARGET] = DirectoryTarget(DEFAULT_TARGET, settings.outbox.dir)
+    for t in settings.targets:
+        targets[t.name] = build_target(t)
+    return targets
