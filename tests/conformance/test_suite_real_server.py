@@ -17,8 +17,10 @@ from tests.fhir_server import FhirServer
 def test_full_run_is_conformant_and_cleans_up(fhir_server: FhirServer, tmp_path: Path) -> None:
     junit, report = tmp_path / "conformance.xml", tmp_path / "conformance.json"
     result = subprocess.run(
-        [sys.executable, "-m", "adapter", "conformance", "--server", fhir_server.base_url, "--load-profiles"]
-        + ["--junit", str(junit), "--json", str(report)],
+        [
+            *(sys.executable, "-m", "adapter", "conformance", "--server", fhir_server.base_url, "--load-profiles"),
+            *("--junit", str(junit), "--json", str(report)),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
