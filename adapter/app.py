@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import structlog
 
@@ -20,9 +21,13 @@ from adapter.metrics import QueueCollector
 from adapter.mllp.allow import AllowList
 from adapter.mllp.server import MllpServer, server_ssl_context
 from adapter.store import open_store
+from adapter.store.base import Actor
 from adapter.targets import build_targets
 
 log = structlog.get_logger("homeward.app")
+
+# Retention works in hours and days; an hourly purge keeps each batch small.
+PURGE_INTERVAL_SECONDS = 3600.0
 
 
 class App:
@@ -78,6 +83,21 @@ class App:
         stats.update({row[0]: row for row in self.store.queue_stats()})
         return list(stats.values())
 
+    async def purge_loop(self) -> None:
+        """Retention: purge bodies past audit.body_retention_days now and then once an hour."""
+        days = self.settings.audit.body_retention_days
+        if not days:
+            return
+        actor = Actor("homeward serve", f"retention: bodies older than {days:g} days")
+        while True:
+            try:
+                purged = await self.store.purge_bodies(time.time() - days * 86400, actor)
+                if purged:
+                    log.info("retention.purged", messages=purged, older_than_days=days)
+            except StoreUnavailable:
+                log.error("store.unavailable", stage="retention_purge")
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
     def readiness(self) -> list[str]:
         """What stops this adapter from taking and keeping messages right now ([] when ready)."""
         problems = []
@@ -102,6 +122,7 @@ class App:
         if self.admin is not None:
             self.admin.start()
         forwarder = asyncio.create_task(self.forwarder.run())
+        retention = asyncio.create_task(self.purge_loop())
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
         log.info(
             "homeward.started",
@@ -116,7 +137,8 @@ class App:
         await self.server.stop(grace)
         await self.forwarder.stop(grace)
         forwarder.cancel()
-        await asyncio.gather(forwarder, return_exceptions=True)
+        retention.cancel()
+        await asyncio.gather(forwarder, retention, return_exceptions=True)
         if self.admin is not None:
             self.admin.stop()
         metrics.REGISTRY.unregister(self._queue_collector)

@@ -201,6 +201,10 @@ class AuditSettings(_Section):
     # Signs the audit head and keys NHS-number lookups; empty: neither (see README "Audit trail").
     hmac_key: SecretStr = SecretStr("")
     hmac_key_file: Path | None = None
+    # Original bodies (the HL7 message, the bundle, the server's reply) of messages older than this
+    # are purged by serve once an hour and by `homeward audit purge`; 0 keeps them for ever.
+    # Audit records, sizes and hashes always stay, and the chain still verifies.
+    body_retention_days: float = Field(default=0, ge=0)
 
 
 class AdminSettings(_Section):

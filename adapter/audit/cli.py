@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -33,17 +34,17 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_time(value: str) -> float:
-    """ISO 8601 (naive means this machine's local time) or an age such as 30m, 2h, 7d."""
+def parse_time(value: str, timezone: str) -> float:
+    """ISO 8601 (without an offset: the site's time zone, as `replay --since`) or an age: 30m, 2h, 7d."""
     match = _RELATIVE.match(value.strip())
     if match:
         return time.time() - float(match.group(1)) * _UNIT[match.group(2)]
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a time: {value!r} (use ISO 8601 or 30m / 2h / 7d)") from exc
+        raise ConfigError(f"not a time: {value!r} (use ISO 8601, or an age such as 30m, 2h, 7d)") from exc
     if moment.tzinfo is None:
-        moment = moment.astimezone()
+        moment = moment.replace(tzinfo=ZoneInfo(timezone))
     return moment.timestamp()
 
 
@@ -80,11 +81,12 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings, patient_key: str | None = None) -> int:
+    tz = settings.mapping.timezone
     with query.connect(settings.store.path) as conn:
         rows = query.list_messages(
             conn,
-            since=args.since,
-            until=args.until,
+            since=parse_time(args.since, tz) if args.since else None,
+            until=parse_time(args.until, tz) if args.until else None,
             event=args.event,
             status=args.status,
             target=args.target,
@@ -112,6 +114,30 @@ def cmd_find(args: argparse.Namespace, settings: Settings) -> int:
     return cmd_list(args, settings, patient_key=keys.patient_key(number.strip()))
 
 
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import getpass
+
+    from adapter.store import open_store
+    from adapter.store.base import Actor
+
+    days = args.older_than_days if args.older_than_days is not None else settings.audit.body_retention_days
+    if not days or days <= 0:
+        raise ConfigError("give --older-than-days N, or set audit.body_retention_days")
+    before = time.time() - days * 86400
+    actor = Actor(args.by or getpass.getuser(), args.reason or f"retention: bodies older than {days:g} days")
+    store = open_store(settings, serving=False)
+    try:
+        purged = asyncio.run(store.purge_bodies(before, actor))
+    finally:
+        store.close()
+    if args.json:
+        _emit_json({"purged": purged, "received_before": _when(before)})
+    else:
+        print(f"purged the bodies of {purged} message(s) received before {_when(before)}")
+    return 0
+
+
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else orjson.dumps(value).decode()
     return text if len(text) <= 120 else text[:117] + "..."
@@ -133,8 +159,8 @@ def add_parser(sub: Any, with_config: Any) -> None:
     show.set_defaults(audit_func=cmd_show)
 
     def filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--since", type=parse_time, help="received at or after (ISO 8601, or 30m / 2h / 7d ago)")
-        p.add_argument("--until", type=parse_time, help="received before (same forms as --since)")
+        p.add_argument("--since", help="received at or after: ISO 8601 (site time zone if no offset) or 30m / 2h / 7d")
+        p.add_argument("--until", help="received before (same forms as --since)")
         p.add_argument("--event", help="trigger event, e.g. ADT^A03")
         p.add_argument(
             "--status", help="pending, delivered, dead (queued messages) or accepted/filtered/duplicate/refused"
@@ -149,6 +175,14 @@ def add_parser(sub: Any, with_config: Any) -> None:
     find.add_argument("--nhs-number", required=True, help="the number, or - to read it from stdin")
     filters(find)
     find.set_defaults(audit_func=cmd_find)
+
+    purge = common(
+        commands.add_parser("purge", help="drop original bodies past retention; audit records and hashes stay")
+    )
+    purge.add_argument("--older-than-days", type=float, help="default: audit.body_retention_days")
+    purge.add_argument("--by", help="who is doing this (default: the login name); audited")
+    purge.add_argument("--reason", help="why; audited")
+    purge.set_defaults(audit_func=cmd_purge)
 
     def run(args: argparse.Namespace) -> int:
         settings = Settings.load(args.config)

@@ -126,17 +126,21 @@ def _check_header(message: Hl7Message) -> None:
         raise UnsupportedMessage("MSH-12 version is not one of 2.2-2.8", location="MSH-12", hl7_error_code="203")
 
 
+def hl7apy_text(message: Hl7Message) -> str:
+    """The message text as hl7apy can read it: it knows 2.7 and 2.8 but not 2.7.1 and 2.8.1, which add no structure."""
+    version = message.version
+    if version not in ("2.7.1", "2.8.1"):
+        return message.text
+    return message.text.replace(f"|{version}", f"|{version[:3]}", 1)
+
+
 def check_with_hl7apy(message: Hl7Message) -> None:
     """Parse the message with hl7apy (the reference implementation) and raise ParseError on failure."""
     from hl7apy.exceptions import HL7apyException
     from hl7apy.parser import parse_message
 
-    hl7apy_version = message.version if message.version not in ("2.7.1", "2.8.1") else message.version[:3]
-    text = message.text
-    if hl7apy_version != message.version:
-        text = text.replace(f"|{message.version}", f"|{hl7apy_version}", 1)
     try:
-        parse_message(text, find_groups=False)
+        parse_message(hl7apy_text(message), find_groups=False)
     except HL7apyException as exc:
         raise ParseError(f"hl7apy rejected the message structure ({type(exc).__name__})", hl7_error_code="100") from exc
     except (ValueError, IndexError, KeyError, AttributeError) as exc:

@@ -203,6 +203,11 @@ class Store(Protocol):
         """
         ...
 
+    async def purge_bodies(self, before: float, actor: Actor, batch: int = 500) -> int:
+        """Retention: set inbound.raw and outbox.bundle/last_outcome empty for messages received before
+        `before` that are neither pending nor dead; one `body_purged` audit record each; returns the count."""
+        ...
+
     async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
         """Audit records for an inbound message or an outbox row, oldest first."""
         ...

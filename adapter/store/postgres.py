@@ -455,7 +455,7 @@ class PostgresStore:
     ) -> list[int]:
         if control_id is None and since is None:
             raise ValueError("replay needs a control id or a start time")
-        clauses = ["o.state = 'delivered'"]
+        clauses = ["o.state = 'delivered'", "octet_length(o.bundle) > 0"]  # a purged body cannot be replayed
         params: list[Any] = []
         for clause, value in (("i.message_control_id = %s", control_id), ("i.received_at >= %s", since)):
             if value is not None:
@@ -487,6 +487,27 @@ class PostgresStore:
             return new_ids
 
         return await self._run(op)  # type: ignore[no-any-return]
+
+    async def purge_bodies(self, before: float, actor: Actor, batch: int = 500) -> int:
+        def op(conn: psycopg.Connection[Any]) -> int:
+            ids = [row[0] for row in conn.execute(PURGE_SQL, (before, batch)).fetchall()]
+            for inbound_id in ids:
+                conn.execute("UPDATE inbound SET raw = NULL WHERE id = %s", (inbound_id,))
+                conn.execute(
+                    "UPDATE outbox SET bundle = ''::bytea, last_outcome = NULL,"
+                    # last_error keeps our reason, not the server's words quoted after it.
+                    " last_error = split_part(last_error, '; server said: ', 1) WHERE inbound_id = %s",
+                    (inbound_id,),
+                )
+                _audit(conn, inbound_id, None, "body_purged", {**actor.detail(), "received_before": before})
+            return len(ids)
+
+        total = 0
+        while True:
+            done: int = await self._run(op)
+            total += done
+            if done < batch:
+                return total
 
     async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
         if inbound_id is None and outbox_id is None:
@@ -528,6 +549,18 @@ class PostgresStore:
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 
+
+# Bodies a person may still need stay: anything still pending or waiting in the dead letters.
+# SKIP LOCKED: a row being sent right now is left for the next purge.
+PURGE_SQL = """
+SELECT i.id FROM inbound i
+WHERE i.received_at < %s AND i.raw IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox o WHERE o.inbound_id = i.id AND o.state IN ('pending', 'dead'))
+ORDER BY i.id
+LIMIT %s
+FOR UPDATE OF i SKIP LOCKED
+"""
 
 RECORD_SQL = """
 SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.state, o.attempts, o.created_at, o.queued_at,

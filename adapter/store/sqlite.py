@@ -151,6 +151,8 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA foreign_keys=ON")
+        # Purged bodies are overwritten, not left readable in free pages of the file.
+        conn.execute("PRAGMA secure_delete=ON")
         return conn
 
     # -- the writer thread -------------------------------------------------------------------
@@ -397,7 +399,7 @@ class SqliteStore:
             raise ValueError("replay needs a control id or a start time")
 
         def op(conn: sqlite3.Connection) -> list[int]:
-            clauses = ["o.state = 'delivered'"]
+            clauses = ["o.state = 'delivered'", "length(o.bundle) > 0"]  # a purged body cannot be replayed
             params: list[Any] = []
             if control_id is not None:
                 clauses.append("i.message_control_id = ?")
@@ -428,6 +430,31 @@ class SqliteStore:
             return new_ids
 
         return await self._guarded(op)  # type: ignore[no-any-return]
+
+    async def purge_bodies(self, before: float, actor: Actor, batch: int = 500) -> int:
+        """Retention: drop original bodies received before `before`, in batches; audit metadata stays."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(PURGE_SQL, (before, batch))]
+            for inbound_id in ids:
+                conn.execute("UPDATE inbound SET raw = NULL WHERE id = ?", (inbound_id,))
+                conn.execute(
+                    "UPDATE outbox SET bundle = x'', last_outcome = NULL,"
+                    # last_error keeps our reason, not the server's words quoted after it.
+                    " last_error = CASE WHEN instr(last_error, '; server said: ') > 0"
+                    " THEN substr(last_error, 1, instr(last_error, '; server said: ') - 1) ELSE last_error END"
+                    " WHERE inbound_id = ?",
+                    (inbound_id,),
+                )
+                _audit(conn, inbound_id, None, "body_purged", {**actor.detail(), "received_before": before})
+            return len(ids)
+
+        total = 0
+        while True:
+            done: int = await self._guarded(op)
+            total += done
+            if done < batch:
+                return total
 
     async def audit_trail(self, *, inbound_id: int | None = None, outbox_id: int | None = None) -> list[AuditEntry]:
         if inbound_id is None and outbox_id is None:
@@ -485,6 +512,18 @@ WHERE o.state = '{DeliveryState.PENDING}' AND o.next_attempt_at <= ? AND o.claim
       WHERE p.target = o.target AND p.ordering_key = o.ordering_key
         AND p.state = '{DeliveryState.PENDING}' AND p.id < o.id)
 ORDER BY o.id
+LIMIT ?
+"""
+
+
+# Bodies a person may still need stay: anything still pending or waiting in the dead letters.
+PURGE_SQL = f"""
+SELECT i.id FROM inbound i
+WHERE i.received_at < ? AND i.raw IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox o
+      WHERE o.inbound_id = i.id AND o.state IN ('{DeliveryState.PENDING}', '{DeliveryState.DEAD}'))
+ORDER BY i.id
 LIMIT ?
 """
 

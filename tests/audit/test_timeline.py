@@ -62,7 +62,7 @@ def stages(capsys: pytest.CaptureFixture[str], control_id: str) -> list[dict]:  
 def test_timelines(  # type: ignore[no-untyped-def]
     serve, council: HTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Delivered, retried-then-delivered and dead-lettered messages each show every stage, in order, with details."""
+    """Delivered, retried, dead-lettered and replayed messages each show every stage, in order, with details."""
     store = tmp_path / "homeward.sqlite3"
     process = serve(
         HOMEWARD_FHIR_BASE_URL=council.url_for("/fhir"),
@@ -102,6 +102,18 @@ def test_timelines(  # type: ignore[no-untyped-def]
     dead = stages(capsys, "T-DEAD")
     assert [r["stage"] for r in dead] == ["received", "queued", "accepted", "dead_lettered"]
     assert dead[3]["detail"]["status"] == 422 and "permanent" in dead[3]["detail"]["reason"]
+
+    # Replayed (issue 4's command, beside the running server): the new delivery joins the same timeline.
+    assert main(["replay", "--control-id", "T-OK", "--by", "auditor", "--reason", "council restored a backup"]) == 0
+    capsys.readouterr()
+    replayed = wait_for(lambda: (s := stages(capsys, "T-OK")) and s[-1]["stage"] == "delivered" and len(s) == 6 and s)
+    assert [r["stage"] for r in replayed] == ["received", "queued", "accepted", "delivered", "replayed", "delivered"]
+    assert replayed[4]["detail"] == {
+        "actor": "auditor",
+        "why": "council restored a backup",
+        "replay_of": ok[3]["outbox_id"],
+    }
+    assert replayed[5]["outbox_id"] == replayed[4]["outbox_id"] != ok[3]["outbox_id"]
 
     # Queries over the same store.
     code, rows = audit(capsys, "list", "--status", "dead")
