@@ -50,7 +50,7 @@ def cmd_map(args: argparse.Namespace) -> int:
                 fallback_charset=settings.hl7.fallback_charset,
                 strict=settings.hl7.strict,
             )
-            result = map_message(message, mappings, tz)
+            result = map_message(message, mappings, tz, explain=args.explain)
             validate_bundle(result.bundle)
         except OSError as exc:
             print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
@@ -60,6 +60,11 @@ def cmd_map(args: argparse.Namespace) -> int:
             where = f" at {exc.location}" if exc.location else ""
             print(f"{name}: {exc.ack_code.value} {exc.hl7_error_code}{where}: {exc.reason}", file=sys.stderr)
             failures += 1
+            continue
+        if args.explain:
+            from adapter.mapping.explain import explain
+
+            sys.stdout.write("\n".join([f"{name}:", *explain(message, result)]) + "\n")
             continue
         sys.stdout.write(orjson.dumps(result.bundle, option=orjson.OPT_INDENT_2).decode() + "\n")
         for flag in result.flags:
@@ -124,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))
+    mapper.add_argument(
+        "--explain",
+        action="store_true",
+        help="instead of the bundle, show which rule set each element and which fields no rule read",
+    )
     mapper.add_argument("files", nargs="+")
     mapper.set_defaults(func=cmd_map)
     send = sub.add_parser("send", help="send HL7 file(s) over MLLP and print each ACK")

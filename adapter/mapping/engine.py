@@ -271,6 +271,17 @@ def _provenance(run: _Run, mm: MessageMap, entries: list[dict[str, Any]]) -> dic
         resource["agent"][0]["onBehalfOf"] = {"reference": hospital}
     if recorded is None:
         run.flags.append("MSH-7: no time to the minute; Provenance.recorded set to the epoch")
+    if run.explain:
+        origin = f"{mm.origin}: provenance"
+        run.trace.extend(
+            TraceLine(element, source, origin)
+            for element, source in (
+                ("Provenance.recorded", "MSH-7"),
+                ("Provenance.entity.what.identifier", "MSH-10"),
+                ("Provenance.agent.onBehalfOf", "ref hospital"),
+                ("Provenance.target", "(every entry)"),
+            )
+        )
     return {
         "fullUrl": f"urn:uuid:{rid}",
         "resource": resource,
@@ -288,6 +299,7 @@ def _apply(
     segment: Segment | None,
     where: str,
     repetition: Repetition | None = None,
+    parent: str = "",
 ) -> None:
     if rule.when is not None and not run.holds(rule.when, segment):
         return
@@ -307,7 +319,7 @@ def _apply(
         comp, _, sub = rule.source.partition(".")
         text = repetition.component(int(comp), int(sub or 1))
         values = [text] if text else []
-        location = rule.source
+        location = f"{parent}.{rule.source}"
     elif rule.all_segments:
         location = rule.source
         values = []
@@ -318,7 +330,7 @@ def _apply(
         reps, location = run.read(rule.source, segment)
         values = list(reps if rule.repeat else reps[:1])
     for value in values:
-        produced = _transform(run, rule, value, segment, location)
+        produced = _transform(run, rule, value, segment, location, where)
         # A function may give several values (one performer per council the message is routed to).
         for result in produced if isinstance(produced, list) else [produced]:
             if result is None or result == {} or result == "":
@@ -333,17 +345,18 @@ def _apply(
                 result = _fill(rule.template, rule.into, result)
             _set(target, rule.element, result, rule.info.is_list)
             if run.explain:
-                run.trace.append(TraceLine(f"{where}.{rule.element}", location, rule.origin))
+                source = "(value)" if rule.source is None else location
+                run.trace.append(TraceLine(f"{where}.{rule.element}", source, rule.origin))
 
 
-def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str) -> Any:
+def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str, where: str) -> Any:
     if rule.datatype is not None:
         if not isinstance(value, Repetition):
             return None
         built: dict[str, Any] = {}
         dt = run.mappings.datatypes[rule.datatype]
         for sub_rule in dt.rules:
-            _apply(run, sub_rule, built, segment, f"{dt.fhir_type}", repetition=value)
+            _apply(run, sub_rule, built, segment, f"{where}.{rule.element}", repetition=value, parent=location)
         _prune(built)
         return built or None
     if rule.function is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ class TestCli:
         result = homeward("map", str(GOLDEN / "ADT_A03" / "basic.hl7"))
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["type"] == "transaction"
+
+    def test_map_explain(self) -> None:
+        """`homeward map --explain` prints element <- field lines and the fields no rule read, not the bundle."""
+        result = homeward("map", "--explain", str(GOLDEN / "ADT_A16" / "obx_not_used.hl7"))
+        assert result.returncode == 0, result.stderr
+        assert "Encounter.period.start" in result.stdout and "<- PV1-44" in result.stdout
+        assert "not used by any rule: EVN-1, PID-1, PV1-1, OBX (whole segment)" in result.stdout
+        assert '"resourceType"' not in result.stdout
 
     def test_map_failure_is_clear(self, tmp_path: Path) -> None:
         """An A03 without PV1 fails with a non-zero exit and a message naming the missing segment."""
@@ -56,3 +65,22 @@ class TestCli:
         result = homeward("send", "--port", str(process.port), str(GOLDEN / "ADT_A03" / "basic.hl7"))
         assert result.returncode == 0, result.stderr
         assert "MSA|AA|MSG00001" in result.stdout
+
+    def test_serve_refuses_a_route_to_an_unknown_target(self, tmp_path: Path) -> None:
+        """A site.yaml route naming a target the settings do not configure stops `homeward serve` at start-up."""
+        import shutil
+
+        mappings = tmp_path / "mappings"
+        shutil.copytree(ROOT / "mappings", mappings)
+        site = mappings / "site.yaml"
+        site.write_text(site.read_text().replace("unrouted: {targets: [default]}", "unrouted: {targets: [broker]}"))
+        result = subprocess.run(
+            [sys.executable, "-m", "adapter", "serve"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HOMEWARD_MAPPINGS_DIR": str(mappings), "HOMEWARD_MLLP_PORT": "0"},
+        )
+        assert result.returncode == 2
+        assert "site.yaml: routing: target(s) ['broker'] are not configured" in result.stderr

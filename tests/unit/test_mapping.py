@@ -1,0 +1,235 @@
+"""Focused mapping tests: the visit life cycle, site fields and rules, routing, start-up validation, --explain."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from adapter.errors import ConfigError, MappingError
+from adapter.hl7.parse import parse
+from adapter.intake import Intake, IntakeOptions
+from adapter.mapping.engine import MapResult, map_message
+from adapter.mapping.explain import explain, unused_fields
+from adapter.mapping.loader import load_mappings
+from adapter.mapping.model import MappingSet
+from adapter.mapping.routing import postcode_district
+from adapter.store.sqlite import SqliteStore
+from tests.conftest import GOLDEN, MAPPINGS
+
+TZ = ZoneInfo("Europe/London")
+
+
+@pytest.fixture(scope="module")
+def mappings() -> MappingSet:
+    return load_mappings(MAPPINGS)
+
+
+def map_text(text: str, mappings: MappingSet, **kw: Any) -> MapResult:
+    return map_message(parse(text.replace("\n", "\r").encode()), mappings, TZ, **kw)
+
+
+def map_case(case: str, mappings: MappingSet, **kw: Any) -> MapResult:
+    return map_message(parse((GOLDEN / f"{case}.hl7").read_bytes()), mappings, TZ, **kw)
+
+
+def resources(result: MapResult, rtype: str) -> list[dict[str, Any]]:
+    return [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def site_copy(tmp_path: Path, change: Any) -> Path:
+    """A copy of mappings/ whose site.yaml is passed through `change(dict)`."""
+    root = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, root)
+    site = yaml.safe_load((root / "site.yaml").read_text())
+    change(site)
+    (root / "site.yaml").write_text(yaml.safe_dump(site))
+    return root
+
+
+class TestLifeCycle:
+    def test_pending_discharge_cancel_move_the_same_resources(self, mappings: MappingSet) -> None:
+        """A16 -> A03 -> A13 of one visit (PV1-19) update one Encounter, one referral and one CarePlan."""
+        cycle = [map_case(f"{event}/cycle", mappings) for event in ("ADT_A16", "ADT_A03", "ADT_A13")]
+        for rtype in ("Encounter", "ServiceRequest", "CarePlan", "Patient", "RelatedPerson"):
+            urls = {(e["fullUrl"], e["request"]["url"]) for r in cycle for e in resources(r, rtype)}
+            assert len(urls) == 1, f"{rtype} is not the same resource across the cycle: {urls}"
+        status = [{rt: resources(r, rt)[0]["resource"]["status"] for rt in ("Encounter", "CarePlan")} for r in cycle]
+        assert status == [
+            {"Encounter": "in-progress", "CarePlan": "draft"},
+            {"Encounter": "finished", "CarePlan": "active"},
+            {"Encounter": "in-progress", "CarePlan": "revoked"},
+        ]
+        referral = [resources(r, "ServiceRequest")[0]["resource"] for r in cycle]
+        # occurrence: expected date (PV2-9), actual discharge (PV1-45), the new expected date.
+        assert [s["occurrenceDateTime"] for s in referral] == ["2026-11-24", "2026-11-24T10:45:00+00:00", "2026-11-26"]
+        assert "end" not in resources(cycle[2], "Encounter")[0]["resource"]["period"]
+
+    def test_cancel_admit_withdraws_referral_and_plan(self, mappings: MappingSet) -> None:
+        """A11 marks the Encounter entered-in-error and revokes the visit's referral and CarePlan."""
+        result = map_case("ADT_A11/cancel_admit", mappings)
+        assert resources(result, "Encounter")[0]["resource"]["status"] == "entered-in-error"
+        assert resources(result, "ServiceRequest")[0]["resource"]["status"] == "revoked"
+        assert resources(result, "CarePlan")[0]["resource"]["status"] == "revoked"
+
+    def test_merge_links_both_records_and_deletes_nothing(self, mappings: MappingSet) -> None:
+        """A40: the survivor `replaces` the MRG-1 record, which is linked `replaced-by`; both are PUT, none deleted."""
+        result = map_case("ADT_A40/merge", mappings)
+        survivor, prior = (e for e in resources(result, "Patient"))
+        assert survivor["resource"]["link"] == [{"other": {"reference": prior["fullUrl"]}, "type": "replaces"}]
+        assert prior["resource"]["link"] == [{"other": {"reference": survivor["fullUrl"]}, "type": "replaced-by"}]
+        assert {e["request"]["method"] for e in result.bundle["entry"]} == {"PUT"}
+
+
+class TestContentRules:
+    def test_bad_nhs_number_is_a_flagged_local_identifier(self, mappings: MappingSet) -> None:
+        """PID-3 with a failing modulus-11 check digit is never sent as an NHS number, and is flagged."""
+        result = map_case("ADT_A03/bad_nhs_number", mappings)
+        identifiers = resources(result, "Patient")[0]["resource"]["identifier"]
+        assert all(i["system"] != "https://fhir.nhs.uk/Id/nhs-number" for i in identifiers)
+        assert any(i["system"].endswith("/nhs-number-failed-check") for i in identifiers)
+        assert any("PID-3" in flag and "invalid NHS number" in flag for flag in result.flags)
+
+    def test_verification_status_from_pid_32(self, mappings: MappingSet) -> None:
+        """PID-32 = 01 puts the UK Core verification-status extension on the NHS number."""
+        nhs = resources(map_case("ADT_A03/v26_full", mappings), "Patient")[0]["resource"]["identifier"][0]
+        (extension,) = nhs["extension"]
+        assert extension["url"].endswith("Extension-UKCore-NHSNumberVerificationStatus")
+        assert extension["valueCodeableConcept"]["coding"][0]["code"] == "01"
+
+    def test_social_admission_makes_an_urgent_referral(self, mappings: MappingSet) -> None:
+        """A01 with admit reason carer breakdown (PV2-3) makes an urgent referral; a medical admission none."""
+        social = resources(map_case("ADT_A01/social_admission", mappings), "ServiceRequest")
+        assert [s["resource"]["priority"] for s in social] == ["urgent"]
+        assert resources(map_case("ADT_A01/medical_admission", mappings), "ServiceRequest") == []
+
+    def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
+        """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
+        plan = resources(map_case("ADT_A03/v26_full", mappings), "CarePlan")[0]["resource"]
+        codes = [a["detail"]["code"]["coding"][0]["code"] for a in plan["activity"][1:]]
+        assert codes == ["bridging-care", "reablement", "equipment"]
+        assert plan["period"] == {"start": "2026-11-24T10:15:00+00:00", "end": "2026-12-01T10:15:00+00:00"}
+
+    def test_missing_required_field_names_it(self, mappings: MappingSet) -> None:
+        """An A03 without PV1-19 is refused with the field named (ERR-2 of the AE)."""
+        with pytest.raises(MappingError) as info:
+            map_case("ADT_A03/no_visit_number", mappings)
+        assert info.value.location == "PV1-19" and info.value.hl7_error_code == "101"
+
+
+class TestSiteFields:
+    def test_pathway_from_an_obx_picked_by_its_code(self, tmp_path: Path) -> None:
+        """`pathway: OBX[3=PATHWAY]-5` in site.yaml reads the pathway from that OBX, with no code change."""
+        root = site_copy(tmp_path, lambda s: s["fields"].update(pathway="OBX[3=PATHWAY]-5"))
+        result = map_case("ADT_A16/obx_not_used", load_mappings(root))
+        categories = resources(result, "ServiceRequest")[0]["resource"]["category"]
+        assert categories[1]["coding"][0]["code"] == "1"
+        assert "OBX (whole segment)" not in unused_fields(
+            parse((GOLDEN / "ADT_A16/obx_not_used.hl7").read_bytes()), result
+        )
+
+    def test_an_ignored_event_needs_no_map(self, tmp_path: Path) -> None:
+        """Events set to `ignore` load without a message map; the set of processed events is site data."""
+        root = site_copy(tmp_path, lambda s: s["events"].update(A21="ignore"))
+        (root / "messages" / "ADT_A21.yaml").unlink()
+        assert "A21" not in load_mappings(root).messages
+
+
+class TestRouting:
+    @pytest.mark.parametrize(
+        ("postcode", "district"), [("MK9 1AA", "MK9"), ("mk40 1ab", "MK40"), ("MK401AB", "MK40"), ("", "")]
+    )
+    def test_postcode_district(self, postcode: str, district: str) -> None:
+        """The outward code of a postcode, with or without its space."""
+        assert postcode_district(postcode) == district
+
+    def test_two_councils(self, mappings: MappingSet) -> None:
+        """MK9 goes to Milton Keynes, MK40 to Bedford: each council is the referral's performer."""
+        for case, council in (("ADT_A03/basic", "Milton Keynes"), ("ADT_A03/council_bedford", "Bedford")):
+            result = map_case(case, mappings)
+            (performer,) = resources(result, "ServiceRequest")[0]["resource"]["performer"]
+            assert performer["display"].startswith(council)
+
+    def test_several_routes_join_their_targets(self, tmp_path: Path) -> None:
+        """A message every route matches goes to each route's targets, once each, in order."""
+
+        def change(site: dict[str, Any]) -> None:
+            site["routing"]["routes"].append(
+                {"name": "pathway-3", "when": {"field": "ZDS-1", "equals": "3"}, "targets": ["broker"]}
+            )
+
+        result = map_case("ADT_A03/care_home_pathway3", load_mappings(site_copy(tmp_path, change)))
+        assert result.route.targets == ("default", "broker")
+        assert result.route.matched == ("milton-keynes", "pathway-3")
+
+    def test_unrouted_message_is_kept_and_reported(self, tmp_path: Path) -> None:
+        """With `unrouted: {}`, a Luton postcode gets AA, is stored with outcome 'unrouted', and nothing is queued."""
+        mappings = load_mappings(site_copy(tmp_path, lambda s: s["routing"].update(unrouted={})))
+        store = SqliteStore(tmp_path / "store.sqlite3")
+        try:
+            intake = Intake(store, mappings, IntakeOptions())
+            ack = asyncio.run(
+                intake.frame((GOLDEN / "ADT_A03/unrouted_postcode.hl7").read_bytes().replace(b"\n", b"\r"), "test")
+            )
+            assert b"MSA|AA|A03-LUTON" in ack
+            rows = store.query("SELECT outcome, reason FROM inbound")
+            assert [(r[0], "routing" in r[1]) for r in rows] == [("unrouted", True)]
+            assert store.query("SELECT count(*) FROM outbox")[0][0] == 0
+        finally:
+            store.close()
+
+
+class TestStartupValidation:
+    @pytest.mark.parametrize(
+        ("change", "expected"),
+        [
+            (lambda s: s["fields"].update(pathway="ZDS1"), "site.yaml: fields.pathway"),
+            (
+                lambda s: (
+                    s["routing"]["routes"][0].pop("postcode_districts")
+                    and s["routing"]["routes"][0].pop("local_authorities")
+                ),
+                "site.yaml: routing.routes[0]",
+            ),
+            (
+                lambda s: s["routing"]["routes"][0].update(targets="default"),
+                "site.yaml: routing.routes[0]: targets: expected list",
+            ),
+            (lambda s: s["rules"].update(bridging_care={"rule": "nope"}), "site.yaml: rules.bridging_care"),
+            (lambda s: s["fields"].pop("services"), "'@services' is not named in site.yaml fields"),
+            (lambda s: s["events"].update(A05="process"), "events.A05: 'process' but no messages/ADT_A05.yaml"),
+        ],
+        ids=["bad-location", "route-without-rule", "targets-not-a-list", "unknown-rule", "unknown-field", "no-map"],
+    )
+    def test_errors_name_file_and_key(self, tmp_path: Path, change: Any, expected: str) -> None:
+        """A broken site.yaml stops start-up with ConfigError naming the file and the key."""
+        root = site_copy(tmp_path, change)
+        with pytest.raises(ConfigError) as info:
+            load_mappings(root)
+        assert expected in str(info.value)
+
+    def test_rule_errors_name_the_mapping_file_and_rule(self, tmp_path: Path) -> None:
+        """A template without `into`, in a message map, is refused naming the file and rule index."""
+        root = site_copy(tmp_path, lambda s: None)
+        path = root / "messages" / "ADT_A03.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["resources"][4]["rules"][3].pop("into")
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError) as info:
+            load_mappings(root)
+        assert "ADT_A03.yaml: resources[4].rules[3]: template: needs into" in str(info.value)
+
+
+class TestExplain:
+    def test_explain_names_rules_and_unused_fields(self, mappings: MappingSet) -> None:
+        """--explain ties each element to its field and rule file, and lists what no rule read."""
+        message = parse((GOLDEN / "ADT_A16/obx_not_used.hl7").read_bytes())
+        lines = explain(message, map_message(message, mappings, TZ, explain=True))
+        assert any("Patient.identifier" in line and "PID-3" in line and "PID-Patient.yaml" in line for line in lines)
+        assert any("Encounter.extension" in line and "PV2-9" in line for line in lines)
+        assert lines[-1] == "not used by any rule: EVN-1, PID-1, PV1-1, OBX (whole segment)"
