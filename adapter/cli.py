@@ -114,6 +114,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     processed = sorted(e for e, a in mappings.site.events.items() if a == "process")
     print(f"events processed: {', '.join(processed) or 'none'}; others: {mappings.site.unknown_events}")
+    routing = mappings.site.routing
+    unrouted = ", ".join(routing.unrouted_targets) or "kept as unrouted, delivered nowhere"
+    names = ", ".join(f"{r.name} -> {'/'.join(r.targets)}" for r in routing.routes) or "none"
+    print(f"routing: {names}; no match: {unrouted}")
     if args.env:
         for name, (section, key) in sorted(env_names().items()):
             print(f"  {name} -> {section}.{key}")
