@@ -9,7 +9,6 @@ rather than sent.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -20,8 +19,9 @@ from adapter.errors import MappingError
 from adapter.hl7.message import Delimiters, Hl7Message, Repetition, Segment
 from adapter.mapping.fhirtypes import check_primitive, element_info
 from adapter.mapping.functions import FUNCTIONS, MapContext, deterministic_id, instant
-from adapter.mapping.model import Condition, Council, MappingSet, MessageMap, ResourceMap, Rule, Vocabulary
+from adapter.mapping.model import Condition, Council, MappingSet, MessageMap, ResourceMap, Rule
 from adapter.mapping.routing import RouteDecision, decide
+from adapter.mapping.values import fill, lookup, prune, set_path
 
 HOMEWARD_DEVICE_DISPLAY = "Homeward HL7 v2 to FHIR adapter"
 
@@ -75,13 +75,13 @@ class _Run:
             self.tz,
             self.mappings.site.systems,
             self.flags,
-            self.lookup,
+            self.table_lookup,
             self.councils,
             self.first,
         )
 
-    def lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
-        return _lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location, self.flags)
+    def table_lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
+        return lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location, self.flags)
 
     # -- reading the message -------------------------------------------------------------------
 
@@ -167,7 +167,7 @@ def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, expl
             entries.append(_entry(run, rm, segment, index))
     for target, rule in run.pending:
         if rule.ref in run.full_urls:
-            _set(target, rule.element, {"reference": run.full_urls[rule.ref]}, rule.info.is_list)
+            set_path(target, rule.element, {"reference": run.full_urls[rule.ref]}, rule.info.is_list)
     if mm.provenance:
         entries.append(_provenance(run, mm, entries))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
@@ -198,7 +198,7 @@ def _entry(run: _Run, rm: ResourceMap, segment: Segment | None, index: int) -> d
         resource["meta"] = {"profile": [rm.profile]}
     for rule in rm.rules:
         _apply(run, rule, resource, segment, rm.resource_type)
-    _prune(resource)
+    prune(resource)
     full_url, request = _request(run, rm, resource, index)
     run.full_urls[rm.key] = full_url
     return {"fullUrl": full_url, "resource": resource, "request": request}
@@ -307,7 +307,7 @@ def _apply(
     if rule.ref is not None:
         url = run.full_urls.get(rule.ref)
         if url:
-            _set(target, rule.element, {"reference": url}, rule.info.is_list)
+            set_path(target, rule.element, {"reference": url}, rule.info.is_list)
         else:
             run.pending.append((target, rule))
         if run.explain:
@@ -343,8 +343,8 @@ def _apply(
                     hl7_error_code="102",
                 )
             if rule.template is not None and rule.into is not None:
-                result = _fill(rule.template, rule.into, result)
-            _set(target, rule.element, result, rule.info.is_list)
+                result = fill(rule.template, rule.into, result)
+            set_path(target, rule.element, result, rule.info.is_list)
             if run.explain:
                 source = "(value)" if rule.source is None else location
                 if rule.vocabulary:
@@ -360,7 +360,7 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
         dt = run.mappings.datatypes[rule.datatype]
         for sub_rule in dt.rules:
             _apply(run, sub_rule, built, segment, f"{where}.{rule.element}", repetition=value, parent=location)
-        _prune(built)
+        prune(built)
         return built or None
     if rule.function is not None:
         value = FUNCTIONS[rule.function](value, run.context(segment, location), **rule.args)
@@ -368,7 +368,7 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
         fhir_type = rule.info.type
         if rule.into is not None:
             fhir_type = _into_type(rule)
-        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, fhir_type, location, run.flags)
+        value = lookup(run.mappings.vocabularies[rule.vocabulary], value, fhir_type, location, run.flags)
     if isinstance(value, Repetition):
         value = value.component(1)
     return value
@@ -376,83 +376,3 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
 
 def _into_type(rule: Rule) -> str:
     return element_info(rule.info.type, rule.into or "").type
-
-
-def _fill(template: dict[str, Any], into: str, value: Any) -> dict[str, Any]:
-    """A copy of `template` with `value` at the dotted path `into`."""
-    built = copy.deepcopy(template)
-    _set(built, into, value, False)
-    return built
-
-
-def _lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str, flags: list[str]) -> Any:
-    """A code table lookup; a value the table does not list follows its `unmapped` policy, noted in `flags`."""
-    code = value.component(1) if isinstance(value, Repetition) else ("" if value is None else str(value))
-    if not code:
-        return None
-    entry = vocab.codes.get(code) or vocab.codes.get(code.upper())
-    if entry is None:
-        # The note names the field and the table, never the value (it may be patient data).
-        if vocab.unmapped == "omit":
-            flags.append(f"{location}: value not in vocabulary {vocab.name}; left out")
-            return None
-        if vocab.unmapped == "default" and vocab.default is not None:
-            flags.append(f"{location}: value not in vocabulary {vocab.name}; default {vocab.default} used")
-            entry = vocab.codes[vocab.default]
-        elif vocab.unmapped == "text" and fhir_type == "CodeableConcept":
-            flags.append(f"{location}: value not in vocabulary {vocab.name}; carried as text")
-            return {"text": code}
-        else:
-            raise MappingError(
-                f"{location}: value not in vocabulary {vocab.name}", location=location, hl7_error_code="103"
-            )
-    system = entry.get("system", vocab.system)
-    if fhir_type == "code":
-        return entry["code"]
-    coding = {"system": system, "code": entry["code"]}
-    if "display" in entry:
-        coding["display"] = entry["display"]
-    return coding if fhir_type == "Coding" else {"coding": [coding]}
-
-
-def _set(target: dict[str, Any], path: str, value: Any, last_is_list: bool) -> None:
-    """Set `value` at a dotted path; `[+]` appends, `[n]` indexes, list elements append by default."""
-    parts = path.split(".")
-    node = target
-    for i, part in enumerate(parts):
-        name, _, marker = part.partition("[")
-        marker = marker.rstrip("]")
-        last = i == len(parts) - 1
-        if last:
-            if marker or last_is_list:
-                items = node.setdefault(name, [])
-                if marker and marker != "+":
-                    idx = int(marker)
-                    while len(items) <= idx:
-                        items.append(None)
-                    items[idx] = value
-                else:
-                    items.append(value)
-            else:
-                node[name] = value
-            return
-        if marker:
-            items = node.setdefault(name, [])
-            idx = len(items) if marker == "+" else int(marker)
-            while len(items) <= idx:
-                items.append({})
-            node = items[idx]
-        else:
-            node = node.setdefault(name, {})
-
-
-def _prune(node: Any) -> bool:
-    """Remove empty dicts, lists and None values in place; return True when `node` itself is empty."""
-    if isinstance(node, dict):
-        for key in [k for k, v in node.items() if _prune(v)]:
-            del node[key]
-        return not node
-    if isinstance(node, list):
-        node[:] = [v for v in node if not _prune(v)]
-        return not node
-    return node is None or node == ""

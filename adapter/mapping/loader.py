@@ -10,28 +10,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adapter.errors import ConfigError
 from adapter.mapping.fhirtypes import UnknownElement, element_info
 from adapter.mapping.functions import FUNCTIONS
 from adapter.mapping.model import (
-    Condition,
-    Council,
     DatatypeMap,
     MappingSet,
     MessageMap,
     ResourceMap,
-    Route,
-    Routing,
     Rule,
     SiteConfig,
     Vocabulary,
 )
+from adapter.mapping.site import condition, load_site, location, need, read_yaml
 
-# "PID-3", "PID-11.5", "XAD.1.1"-style components, and a segment picked by one of its fields:
-# "OBX[3=DRD]-5" is OBX-5 of the first OBX whose OBX-3.1 is DRD.
-SEGMENT_SOURCE = re.compile(r"^[A-Z][A-Z0-9]{2}(\[\d+=[^\]=]+\])?-\d+(\.\d+){0,2}$")
 COMPONENT_SOURCE = re.compile(r"^\d+(\.\d+)?$")
 _RULE_KEYS = {
     "field",
@@ -63,8 +55,8 @@ def load_mappings(root: Path) -> MappingSet:
     for path in _files(root / "datatypes"):
         dt = _datatype(path, vocabularies, datatypes)
         datatypes[dt.name] = dt
-    segment_maps = {p.stem: _read(p) for p in _files(root / "segments")}
-    site = _site(root / "site.yaml")
+    segment_maps = {p.stem: read_yaml(p) for p in _files(root / "segments")}
+    site = load_site(root / "site.yaml")
     messages: dict[str, MessageMap] = {}
     for path in _files(root / "messages"):
         mm = _message(path, segment_maps, datatypes, vocabularies, site)
@@ -79,118 +71,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    data["__file__"] = str(path)
-    return data
-
-
-def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise ConfigError(f"{where}: missing key '{key}'")
-    value = data[key]
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}: {key}: expected {getattr(kind, '__name__', kind)}")
-    return value
-
-
-_SITE_KEYS = ("events", "unknown_events", "systems", "fields", "rules", "routing", "__file__")
-
-
-def _site(path: Path) -> SiteConfig:
-    if not path.exists():
-        raise ConfigError(f"{path}: missing (every mappings directory needs a site.yaml)")
-    data = _read(path)
-    events = _need(data, "events", dict, str(path))
-    for event, action in events.items():
-        if action not in ("process", "ignore"):
-            raise ConfigError(f"{path}: events.{event}: expected 'process' or 'ignore'")
-    unknown = data.get("unknown_events", "reject")
-    if unknown not in ("reject", "ignore"):
-        raise ConfigError(f"{path}: unknown_events: expected 'reject' or 'ignore'")
-    systems = _need(data, "systems", dict, str(path))
-    fields: dict[str, str] = {}
-    for name, location in (data.get("fields") or {}).items():
-        if not SEGMENT_SOURCE.match(str(location)):
-            raise ConfigError(f"{path}: fields.{name}: '{location}' is not a valid location (e.g. ZDS-1, PV2-9)")
-        fields[str(name)] = str(location)
-    partial = SiteConfig({}, "reject", {}, fields=fields)
-    rules = {
-        str(name): _condition(raw, f"{path}: rules.{name}", partial) for name, raw in (data.get("rules") or {}).items()
-    }
-    partial = SiteConfig({}, "reject", {}, fields=fields, rules=rules)
-    routing = _routing(data.get("routing") or {}, f"{path}: routing", partial)
-    extra = {k: v for k, v in data.items() if k not in _SITE_KEYS}
-    return SiteConfig(
-        {str(k): v for k, v in events.items()},
-        unknown,
-        {str(k): str(v) for k, v in systems.items()},
-        extra,
-        fields,
-        rules,
-        routing,
-    )
-
-
-def _routing(raw: Any, where: str, site: SiteConfig) -> Routing:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    postcode = _location(raw.get("postcode_field", "PID-11.5"), f"{where}.postcode_field", site)
-    authority = _location(raw.get("local_authority_field", "PID-11.9"), f"{where}.local_authority_field", site)
-    routes = []
-    for i, item in enumerate(raw.get("routes") or []):
-        rwhere = f"{where}.routes[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{rwhere}: expected a mapping")
-        targets = _names(_need(item, "targets", list, rwhere), f"{rwhere}.targets")
-        council = None
-        if "council" in item:
-            c = _need(item, "council", dict, rwhere)
-            council = Council(
-                str(_need(c, "name", str, f"{rwhere}.council")),
-                str(_need(c, "system", str, f"{rwhere}.council")),
-                str(_need(c, "code", (str, int), f"{rwhere}.council")),
-            )
-        districts = frozenset(d.upper().replace(" ", "") for d in _names(item.get("postcode_districts", []), rwhere))
-        authorities = frozenset(a.upper() for a in _names(item.get("local_authorities", []), rwhere))
-        when = _condition(item["when"], f"{rwhere}.when", site) if "when" in item else None
-        if not (districts or authorities or when):
-            raise ConfigError(f"{rwhere}: needs postcode_districts, local_authorities or when")
-        routes.append(Route(str(item.get("name", f"route {i}")), targets, council, districts, authorities, when))
-    unrouted = raw.get("unrouted") or {}
-    if not isinstance(unrouted, dict):
-        raise ConfigError(f"{where}.unrouted: expected a mapping such as {{targets: [default]}} or {{}}")
-    return Routing(postcode, authority, tuple(routes), _names(unrouted.get("targets", []), f"{where}.unrouted.targets"))
-
-
-def _names(raw: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(raw, list) or not all(isinstance(v, str | int) for v in raw):
-        raise ConfigError(f"{where}: expected a list of names")
-    return tuple(str(v) for v in raw)
-
-
-def _location(raw: Any, where: str, site: SiteConfig) -> str:
-    """A field location, or "@name" for a location named in site.yaml `fields:`."""
-    source = str(raw)
-    if source.startswith("@"):
-        if source[1:] not in site.fields:
-            raise ConfigError(f"{where}: '{source}' is not named in site.yaml fields")
-        return site.fields[source[1:]]
-    if not SEGMENT_SOURCE.match(source):
-        raise ConfigError(f"{where}: '{source}' is not a valid location")
-    return source
-
-
 def _vocabulary(path: Path) -> Vocabulary:
-    data = _read(path)
+    data = read_yaml(path)
     where = str(path)
-    system = _need(data, "system", str, where)
-    raw_codes = _need(data, "map", dict, where)
+    system = need(data, "system", str, where)
+    raw_codes = need(data, "map", dict, where)
     codes: dict[str, dict[str, str]] = {}
     for v2_code, target in raw_codes.items():
         if isinstance(target, str):
@@ -218,10 +103,10 @@ def _vocabulary(path: Path) -> Vocabulary:
 
 
 def _datatype(path: Path, vocabularies: dict[str, Vocabulary], datatypes: dict[str, DatatypeMap]) -> DatatypeMap:
-    data = _read(path)
+    data = read_yaml(path)
     where = str(path)
-    fhir_type = _need(data, "fhirType", str, where)
-    raw_rules = _need(data, "rules", list, where)
+    fhir_type = need(data, "fhirType", str, where)
+    raw_rules = need(data, "rules", list, where)
     rules = tuple(
         _rule(r, fhir_type, f"{where}: rules[{i}]", vocabularies, datatypes, set(), _NO_SITE, relative=True)
         for i, r in enumerate(raw_rules)
@@ -236,15 +121,15 @@ def _message(
     vocabularies: dict[str, Vocabulary],
     site: SiteConfig,
 ) -> MessageMap:
-    data = _read(path)
+    data = read_yaml(path)
     where = str(path)
-    event = _need(data, "event", str, where)
+    event = need(data, "event", str, where)
     if path.stem != f"ADT_{event}":
         raise ConfigError(f"{where}: event: '{event}' does not match the file name")
     requires = tuple(
-        _location(r, f"{where}: requires", site) if str(r).startswith("@") else str(r) for r in data.get("requires", [])
+        location(r, f"{where}: requires", site) if str(r).startswith("@") else str(r) for r in data.get("requires", [])
     )
-    raw_resources = _need(data, "resources", list, where)
+    raw_resources = need(data, "resources", list, where)
     # Any resource of the message may be referenced, before or after it (A40: old <-> new Patient).
     keys = {str(r.get("key")) for r in raw_resources if isinstance(r, dict)}
     resources = []
@@ -256,9 +141,9 @@ def _message(
             raise ConfigError(f"{rwhere}: key: '{rm.key}' is used twice")
         seen.add(rm.key)
         resources.append(rm)
-    for location in requires:
-        if "-" in location:
-            _location(location, f"{where}: requires", site)
+    for required in requires:
+        if "-" in required:
+            location(required, f"{where}: requires", site)
     return MessageMap(
         event,
         str(data.get("description", "")),
@@ -280,8 +165,8 @@ def _resource(
 ) -> ResourceMap:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
-    key = _need(raw, "key", str, where)
-    rtype = _need(raw, "resourceType", str, where)
+    key = need(raw, "key", str, where)
+    rtype = need(raw, "resourceType", str, where)
     try:
         element_info(rtype, "id")
     except (UnknownElement, KeyError, ValueError) as exc:
@@ -294,7 +179,7 @@ def _resource(
         swhere = seg_map["__file__"]
         if seg_map.get("resourceType") != rtype:
             raise ConfigError(f"{swhere}: resourceType: maps to {seg_map.get('resourceType')}, included for {rtype}")
-        for j, r in enumerate(_need(seg_map, "rules", list, swhere)):
+        for j, r in enumerate(need(seg_map, "rules", list, swhere)):
             rules.append(_rule(r, rtype, f"{swhere}: rules[{j}]", vocabularies, datatypes, keys, site, relative=False))
     for j, r in enumerate(raw.get("rules", [])):
         rules.append(_rule(r, rtype, f"{where}.rules[{j}]", vocabularies, datatypes, keys, site, relative=False))
@@ -302,7 +187,7 @@ def _resource(
     for system in identity:
         if system not in site.systems:
             raise ConfigError(f"{where}: identity: no system '{system}' in site.yaml systems")
-    when = _condition(raw["when"], f"{where}: when", site) if "when" in raw else None
+    when = condition(raw["when"], f"{where}: when", site) if "when" in raw else None
     if raw.get("foreach") is not None and not re.match(r"^[A-Z][A-Z0-9]{2}$", str(raw["foreach"])):
         raise ConfigError(f"{where}: foreach: '{raw['foreach']}' is not a segment name")
     profile = raw.get("profile")
@@ -331,14 +216,14 @@ def _rule(
     unknown = set(raw) - _RULE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
-    element = _need(raw, "element", str, where)
+    element = need(raw, "element", str, where)
     try:
         info = element_info(fhir_type, element)
     except UnknownElement as exc:
         raise ConfigError(f"{where}: element: {exc}") from exc
     source = raw.get("component" if relative else "field")
     if source is not None and not relative:
-        source = _location(source, f"{where}: field", site)
+        source = location(source, f"{where}: field", site)
     elif source is not None:
         source = str(source)
         if not COMPONENT_SOURCE.match(source):
@@ -387,7 +272,7 @@ def _rule(
     args = raw.get("args", {})
     if not isinstance(args, dict):
         raise ConfigError(f"{where}: args: expected a mapping")
-    when = _condition(raw["when"], f"{where}: when", site) if "when" in raw else None
+    when = condition(raw["when"], f"{where}: when", site) if "when" in raw else None
     return Rule(
         element=element,
         info=info,
@@ -404,25 +289,4 @@ def _rule(
         template=template,
         into=None if into is None else str(into),
         all_segments=bool(raw.get("all_segments", False)),
-    )
-
-
-def _condition(raw: Any, where: str, site: SiteConfig) -> Condition:
-    if isinstance(raw, dict) and set(raw) == {"rule"}:
-        name = str(raw["rule"])
-        if name not in site.rules:
-            raise ConfigError(f"{where}: rule: no rule '{name}' in site.yaml rules")
-        return site.rules[name]
-    if not isinstance(raw, dict) or "field" not in raw:
-        raise ConfigError(f"{where}: expected {{field: PV1-36, equals|one_of|present: ...}} or {{rule: name}}")
-    source = _location(raw["field"], f"{where}: field", site)
-    one_of = raw.get("one_of", [])
-    if not isinstance(one_of, list):
-        raise ConfigError(f"{where}: one_of: expected a list")
-    return Condition(
-        source,
-        raw.get("present"),
-        None if raw.get("equals") is None else str(raw["equals"]),
-        tuple(str(v) for v in one_of),
-        bool(raw.get("not", False)),
     )

@@ -1,0 +1,90 @@
+"""Plain-dict building blocks of the engine: code table lookups, dotted-path setting, templates, pruning."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from adapter.errors import MappingError
+from adapter.hl7.message import Repetition
+from adapter.mapping.model import Vocabulary
+
+
+def fill(template: dict[str, Any], into: str, value: Any) -> dict[str, Any]:
+    """A copy of `template` with `value` at the dotted path `into`."""
+    built = copy.deepcopy(template)
+    set_path(built, into, value, False)
+    return built
+
+
+def lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str, flags: list[str]) -> Any:
+    """A code table lookup; a value the table does not list follows its `unmapped` policy, noted in `flags`."""
+    code = value.component(1) if isinstance(value, Repetition) else ("" if value is None else str(value))
+    if not code:
+        return None
+    entry = vocab.codes.get(code) or vocab.codes.get(code.upper())
+    if entry is None:
+        # The note names the field and the table, never the value (it may be patient data).
+        if vocab.unmapped == "omit":
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; left out")
+            return None
+        if vocab.unmapped == "default" and vocab.default is not None:
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; default {vocab.default} used")
+            entry = vocab.codes[vocab.default]
+        elif vocab.unmapped == "text" and fhir_type == "CodeableConcept":
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; carried as text")
+            return {"text": code}
+        else:
+            raise MappingError(
+                f"{location}: value not in vocabulary {vocab.name}", location=location, hl7_error_code="103"
+            )
+    system = entry.get("system", vocab.system)
+    if fhir_type == "code":
+        return entry["code"]
+    coding = {"system": system, "code": entry["code"]}
+    if "display" in entry:
+        coding["display"] = entry["display"]
+    return coding if fhir_type == "Coding" else {"coding": [coding]}
+
+
+def set_path(target: dict[str, Any], path: str, value: Any, last_is_list: bool) -> None:
+    """Set `value` at a dotted path; `[+]` appends, `[n]` indexes, list elements append by default."""
+    parts = path.split(".")
+    node = target
+    for i, part in enumerate(parts):
+        name, _, marker = part.partition("[")
+        marker = marker.rstrip("]")
+        last = i == len(parts) - 1
+        if last:
+            if marker or last_is_list:
+                items = node.setdefault(name, [])
+                if marker and marker != "+":
+                    idx = int(marker)
+                    while len(items) <= idx:
+                        items.append(None)
+                    items[idx] = value
+                else:
+                    items.append(value)
+            else:
+                node[name] = value
+            return
+        if marker:
+            items = node.setdefault(name, [])
+            idx = len(items) if marker == "+" else int(marker)
+            while len(items) <= idx:
+                items.append({})
+            node = items[idx]
+        else:
+            node = node.setdefault(name, {})
+
+
+def prune(node: Any) -> bool:
+    """Remove empty dicts, lists and None values in place; return True when `node` itself is empty."""
+    if isinstance(node, dict):
+        for key in [k for k, v in node.items() if prune(v)]:
+            del node[key]
+        return not node
+    if isinstance(node, list):
+        node[:] = [v for v in node if not prune(v)]
+        return not node
+    return node is None or node == ""
