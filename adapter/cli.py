@@ -17,6 +17,9 @@ from adapter.audit import cli as audit_cli
 from adapter.config import Settings, env_names
 from adapter.errors import AdapterError, ConfigError, InboundError
 
+# The conformance artefacts of this checkout (profiles, terminology); --conformance points elsewhere.
+CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(args.config)
@@ -111,10 +114,58 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     processed = sorted(e for e, a in mappings.site.events.items() if a == "process")
     print(f"events processed: {', '.join(processed) or 'none'}; others: {mappings.site.unknown_events}")
+    routing = mappings.site.routing
+    unrouted = ", ".join(routing.unrouted_targets) or "kept as unrouted, delivered nowhere"
+    names = ", ".join(f"{r.name} -> {'/'.join(r.targets)}" for r in routing.routes) or "none"
+    print(f"routing: {names}; no match: {unrouted}")
     if args.env:
         for name, (section, key) in sorted(env_names().items()):
             print(f"  {name} -> {section}.{key}")
     return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate FHIR JSON (or the bundles mapped from HL7 files) against R4 and Homeward's profiles, offline."""
+    from adapter.conformance.validator import Validator
+
+    validator = Validator(args.conformance)
+    worst = 0
+    for name in args.files:
+        if args.from_hl7:
+            from adapter.hl7.parse import parse
+            from adapter.mapping.engine import map_message
+            from adapter.mapping.loader import load_mappings
+
+            settings = _settings(args)
+            try:
+                message = parse(Path(name).read_bytes(), fallback_charset=settings.hl7.fallback_charset)
+                data = map_message(
+                    message, load_mappings(settings.mapping.dir), ZoneInfo(settings.mapping.timezone)
+                ).bundle
+            except InboundError as exc:
+                print(
+                    f"{name}: cannot map: {exc.ack_code.value} {exc.hl7_error_code} at {exc.location or '-'}: {exc.reason}"
+                )
+                worst = 1
+                continue
+        else:
+            try:
+                data = orjson.loads(Path(name).read_bytes())
+            except orjson.JSONDecodeError as exc:
+                print(f"{name}: not JSON ({exc})")
+                worst = 1
+                continue
+        issues = validator.validate(data)
+        errors = [i for i in issues if i.severity == "error"]
+        for issue in issues:
+            print(f"{name}: {issue}")
+        kind = data.get("resourceType", "?") if isinstance(data, dict) else "?"
+        print(
+            f"{name}: {kind}: {'invalid' if errors else 'valid'} ({len(errors)} errors, {len(issues) - len(errors)} warnings)"
+        )
+        if errors:
+            worst = 1
+    return worst
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
     check.set_defaults(func=cmd_check_config)
+    validate = with_config(
+        sub.add_parser("validate", help="validate FHIR JSON, or HL7 files mapped, against R4 and Homeward's profiles")
+    )
+    validate.add_argument("--from-hl7", action="store_true", help="the files are HL7 v2 messages: map, then validate")
+    validate.add_argument(
+        "--conformance", type=Path, default=CONFORMANCE_DIR, help="folder with the profiles (default: %(default)s)"
+    )
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_validate)
     audit_cli.add_parser(sub, with_config)
     from adapter import cli_delivery
 

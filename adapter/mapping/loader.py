@@ -197,6 +197,9 @@ def _vocabulary(path: Path) -> Vocabulary:
             target = {"code": target}
         if not isinstance(target, dict) or "code" not in target:
             raise ConfigError(f"{where}: map.{v2_code}: expected a code or {{code, display}}")
+        extra = set(target) - {"code", "display", "system"}
+        if extra:
+            raise ConfigError(f"{where}: map.{v2_code}: unknown key(s) {sorted(extra)} (code, display, system)")
         codes[str(v2_code)] = {str(k): str(v) for k, v in target.items()}
     unmapped = data.get("unmapped", "error")
     if unmapped not in ("error", "default", "omit", "text"):
@@ -379,6 +382,8 @@ def _rule(
             raise ConfigError(f"{where}: ref: {element} is {info.type}, not a Reference")
         if ref not in keys:
             raise ConfigError(f"{where}: ref: '{ref}' is not a resource key of this message")
+    if raw.get("all_segments") and (relative or source is None or "[" in source):
+        raise ConfigError(f"{where}: all_segments: needs a plain field such as NTE-3 (no selector)")
     args = raw.get("args", {})
     if not isinstance(args, dict):
         raise ConfigError(f"{where}: args: expected a mapping")

@@ -1,0 +1,130 @@
+"""`homeward validate`: R4 structure and Homeward's profiles, each finding naming the element path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.conformance.validator import Validator
+from tests.conftest import GOLDEN, ROOT
+
+CONFORMANCE = ROOT / "conformance"
+
+
+@pytest.fixture(scope="module")
+def validator() -> Validator:
+    return Validator(CONFORMANCE)
+
+
+def _resource(kind: str) -> dict[str, Any]:
+    bundle = json.loads((GOLDEN / "ADT_A03" / "basic.bundle.json").read_text())
+    return copy.deepcopy(next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind))
+
+
+def _errors(validator: Validator, resource: dict[str, Any]) -> list[str]:
+    return [f"{i.path}: {i.message}" for i in validator.validate(resource) if i.severity == "error"]
+
+
+def test_golden_service_request_is_valid(validator: Validator) -> None:
+    assert _errors(validator, _resource("ServiceRequest")) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "expected"),
+    [
+        (
+            "ServiceRequest",
+            lambda r: r.pop("identifier"),
+            "ServiceRequest.identifier: has 0 values, the profile needs at least 1",
+        ),
+        (
+            "ServiceRequest",
+            lambda r: r.update(intent="plan"),
+            "ServiceRequest.intent: must be exactly the profile's fixedCode",
+        ),
+        (
+            "ServiceRequest",
+            lambda r: r.update(status="sent"),
+            "ServiceRequest.status: code is not in the required value set http://hl7.org/fhir/ValueSet/request-status",
+        ),
+        (
+            "ServiceRequest",
+            lambda r: r.update(category=[{"coding": [{"system": "http://snomed.info/sct", "code": "306238000"}]}]),
+            "ServiceRequest.category: slice homewardDischarge needs 1..1, found 0",
+        ),
+        (
+            "ServiceRequest",
+            lambda r: r["code"]["coding"][0].update(code="not-a-service"),
+            "ServiceRequest.code: code is not in the required value set https://homeward.example.org/fhir/ValueSet/discharge-service",
+        ),
+        (
+            "ServiceRequest",
+            lambda r: r.update(colour="blue"),
+            "ServiceRequest.colour: not an element of this resource type",
+        ),
+        ("CarePlan", lambda r: r.pop("activity"), "CarePlan.activity: has 0 values, the profile needs at least 1"),
+        (
+            "CarePlan",
+            lambda r: r["activity"][0].update(detail={"status": "scheduled"}),
+            "CarePlan.activity[0]: invariant cpl-3 not met",
+        ),
+        ("CarePlan", lambda r: r.update(intent="order"), "CarePlan.intent: must be exactly the profile's fixedCode"),
+    ],
+    ids=[
+        "sr-identifier",
+        "sr-intent",
+        "sr-status",
+        "sr-category",
+        "sr-code",
+        "sr-unknown",
+        "cp-activity",
+        "cp-cpl3",
+        "cp-intent",
+    ],
+)
+def test_each_fault_names_its_element(validator: Validator, kind: str, change: Any, expected: str) -> None:
+    resource = _resource(kind)
+    change(resource)
+    errors = _errors(validator, resource)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_bundle_paths_name_the_entry(validator: Validator) -> None:
+    bundle = json.loads((GOLDEN / "ADT_A03" / "basic.bundle.json").read_text())
+    index = next(i for i, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] == "CarePlan")
+    bundle["entry"][index]["resource"]["intent"] = "order"
+    assert _errors(validator, bundle) == [
+        f"Bundle.entry[{index}].resource.intent: must be exactly the profile's fixedCode"
+    ]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapter", "validate", *args], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def test_cli_from_hl7_valid() -> None:
+    result = _cli("--from-hl7", str(GOLDEN / "ADT_A03" / "basic.hl7"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("Bundle: valid (0 errors, 0 warnings)")
+
+
+def test_cli_reports_invalid_file_without_values(tmp_path: Path) -> None:
+    resource = _resource("ServiceRequest")
+    resource["intent"] = "plan"
+    path = tmp_path / "sr.json"
+    path.write_text(json.dumps(resource))
+    result = _cli(str(path))
+    assert result.returncode == 1
+    assert (
+        f"{path}: ServiceRequest.intent: error: must be exactly the profile's fixedCode [HomewardDischargeServiceRequest]"
+        in result.stdout
+    )
+    assert "V0001234" not in result.stdout  # never the values: they may be patient data
