@@ -50,7 +50,7 @@ def parse_time(value: str, timezone: str) -> float:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
-    with query.connect(settings.store.path) as conn:
+    with query.connect(settings) as conn:
         result = query.verify(conn, keys)
     if args.json:
         _emit_json(result.as_dict())
@@ -65,7 +65,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    with query.connect(settings.store.path) as conn:
+    with query.connect(settings) as conn:
         records = query.timeline(conn, args.control_id)
     if args.json:
         _emit_json(records)
@@ -82,7 +82,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_list(args: argparse.Namespace, settings: Settings, patient_key: str | None = None) -> int:
     tz = settings.mapping.timezone
-    with query.connect(settings.store.path) as conn:
+    with query.connect(settings) as conn:
         rows = query.list_messages(
             conn,
             since=parse_time(args.since, tz) if args.since else None,

@@ -1,12 +1,13 @@
-"""Reading the audit trail of a SQLite store: verify the chain, a message's timeline, filtered lists.
+"""Reading the audit trail: verify the chain, a message's timeline, filtered lists; SQLite or PostgreSQL.
 
-Read-only connections (WAL lets them run beside a serving adapter); nothing here writes.
+Read-only connections (beside a serving adapter); nothing here writes. The SQL is the common
+subset of both databases, with the placeholder style of the connection's driver.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,48 @@ import orjson
 
 from adapter.audit import chain
 from adapter.audit.keys import AuditKeys
-from adapter.errors import ConfigError
+from adapter.config import Settings
+from adapter.errors import ConfigError, StoreUnavailable
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A read-only connection; a missing store is a clear error, not a new empty file."""
-    if not Path(path).exists():
+class Reader:
+    """A read-only DB-API connection and its placeholder ('?' for sqlite3, '%s' for psycopg)."""
+
+    def __init__(self, conn: Any, placeholder: str):
+        self.conn = conn
+        self.ph = placeholder
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.conn.execute(sql.replace("?", self.ph), tuple(params))
+        return [tuple(row) for row in cursor.fetchall()]
+
+    def snapshot(self) -> None:
+        """Read everything after this from one snapshot, so a serving adapter's new records and head
+        (committed together) are seen together or not at all."""
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if self.ph == "%s" else "BEGIN")
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def connect(settings: Settings) -> Reader:
+    """Open the configured store read-only; a missing SQLite file is a clear error, not a new empty file."""
+    if settings.store.url:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(settings.store.url, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot reach the PostgreSQL store ({type(exc).__name__})") from exc
+        conn.read_only = True
+        return Reader(conn, "%s")
+    path = Path(settings.store.path)
+    if not path.exists():
         raise ConfigError(f"no store at {path} (store.path / HOMEWARD_STORE)")
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    return conn
+    return Reader(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, isolation_level=None), "?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,33 +81,56 @@ class VerifyResult:
         }
 
 
-def _records(conn: sqlite3.Connection) -> Iterator[chain.ChainRecord]:
-    cursor = conn.execute("SELECT id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash FROM audit ORDER BY id")
-    for row in cursor:
-        yield chain.ChainRecord(*row)
+def _records(reader: Reader, page: int = 10_000) -> Iterator[chain.ChainRecord]:
+    """The chain in seq order, a page at a time (keyset), so memory stays flat on a long trail."""
+    after = 0
+    while True:
+        rows = reader.rows(
+            "SELECT id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash FROM audit"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after, page),
+        )
+        for row in rows:
+            yield chain.ChainRecord(*row)
+        if len(rows) < page:
+            return
+        after = rows[-1][0]
 
 
-def verify(conn: sqlite3.Connection, keys: AuditKeys | None) -> VerifyResult:
+def verify(reader: Reader, keys: AuditKeys | None) -> VerifyResult:
     """Walk the whole chain against the head (and the head's signature when a key is given)."""
-    row = conn.execute("SELECT seq, hash, mac FROM audit_head WHERE id = 1").fetchone()
-    head = chain.Head(row[0], row[1], row[2]) if row else None
-    checked, problem = chain.verify(_records(conn), head, keys.checkpoint if keys else None)
+    reader.snapshot()
+    found = reader.rows("SELECT seq, hash, mac FROM audit_head WHERE id = 1")
+    head = chain.Head(*found[0]) if found else None
+    checked, problem = chain.verify(_records(reader), head, keys.checkpoint if keys else None)
     return VerifyResult(checked, head, problem, signed=keys is not None)
 
 
-def timeline(conn: sqlite3.Connection, control_id: str) -> list[dict[str, Any]]:
+def timeline(reader: Reader, control_id: str) -> list[dict[str, Any]]:
     """Every audit record of every inbound frame with this MSH-10, oldest first."""
-    rows = conn.execute(
+    rows = reader.rows(
         "SELECT a.id, a.at, a.inbound_id, a.outbox_id, a.stage, a.detail, i.sending_facility, i.message_control_id"
         " FROM audit a JOIN inbound i ON i.id = a.inbound_id"
         " WHERE i.message_control_id = ? ORDER BY a.id",
         (control_id,),
-    ).fetchall()
-    return [_record(row) for row in rows]
+    )
+    return [
+        {
+            "seq": r[0],
+            "at": r[1],
+            "inbound_id": r[2],
+            "outbox_id": r[3],
+            "stage": r[4],
+            "detail": orjson.loads(r[5]),
+            "sending_facility": r[6],
+            "message_control_id": r[7],
+        }
+        for r in rows
+    ]
 
 
 def list_messages(
-    conn: sqlite3.Connection,
+    reader: Reader,
     *,
     since: float | None = None,
     until: float | None = None,
@@ -107,32 +163,41 @@ def list_messages(
         where.append(f"({STATUS_SQL}) = ?")
         params.append(status)
     params.append(limit)
-    rows = conn.execute(
+    columns = [
+        "inbound_id",
+        "received_at",
+        "peer",
+        "sending_facility",
+        "message_control_id",
+        "event",
+        "size",
+        "sha256",
+        "outcome",
+        "ack_code",
+        "reason",
+        "status",
+        "targets",
+        "body_purged",
+    ]
+    rows = reader.rows(
         "SELECT i.id, i.received_at, i.peer, i.sending_facility, i.message_control_id, i.event, i.size, i.sha256,"
         f" i.outcome, i.ack_code, i.reason, ({STATUS_SQL}) AS status,"
-        " (SELECT group_concat(DISTINCT o.target) FROM outbox o WHERE o.inbound_id = i.id) AS targets,"
+        " (SELECT count(DISTINCT o.target) FROM outbox o WHERE o.inbound_id = i.id) AS targets,"
         " i.raw IS NULL AS body_purged"
         f" FROM inbound i WHERE {' AND '.join(where)} ORDER BY i.id DESC LIMIT ?",
         params,
-    ).fetchall()
+    )
+    found = [dict(zip(columns, row, strict=True)) for row in rows]
+    for item in found:
+        item["body_purged"] = bool(item["body_purged"])
+        item["targets"] = _targets(reader, item["inbound_id"]) if item["targets"] else []
+    return found
+
+
+def _targets(reader: Reader, inbound_id: int) -> list[str]:
     return [
-        {
-            "inbound_id": r["id"],
-            "received_at": r["received_at"],
-            "peer": r["peer"],
-            "sending_facility": r["sending_facility"],
-            "message_control_id": r["message_control_id"],
-            "event": r["event"],
-            "size": r["size"],
-            "sha256": r["sha256"],
-            "outcome": r["outcome"],
-            "ack_code": r["ack_code"],
-            "reason": r["reason"],
-            "status": r["status"],
-            "targets": (r["targets"] or "").split(",") if r["targets"] else [],
-            "body_purged": bool(r["body_purged"]),
-        }
-        for r in rows
+        r[0]
+        for r in reader.rows("SELECT DISTINCT target FROM outbox WHERE inbound_id = ? ORDER BY target", (inbound_id,))
     ]
 
 
@@ -146,16 +211,3 @@ CASE
   ELSE coalesce((SELECT s.state FROM outbox s WHERE s.inbound_id = i.id ORDER BY s.id DESC LIMIT 1), i.outcome)
 END
 """
-
-
-def _record(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "seq": row["id"],
-        "at": row["at"],
-        "inbound_id": row["inbound_id"],
-        "outbox_id": row["outbox_id"],
-        "stage": row["stage"],
-        "detail": orjson.loads(row["detail"]),
-        "sending_facility": row["sending_facility"],
-        "message_control_id": row["message_control_id"],
-    }
