@@ -84,6 +84,8 @@ def _parse_dtm(value: str, ctx: MapContext) -> tuple[datetime, int]:
         raise MappingError("not a real calendar date/time", location=ctx.location, hl7_error_code="102") from exc
     if offset:
         sign = 1 if offset[0] == "+" else -1
+        if int(offset[1:3]) > 14 or int(offset[3:5]) > 59:  # real offsets run from -12:00 to +14:00
+            raise MappingError("not a valid time zone offset", location=ctx.location, hl7_error_code="102")
         delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
         moment = moment.replace(tzinfo=timezone(sign * delta))
     elif parts >= 4:

@@ -233,3 +233,10 @@ class TestExplain:
         assert any("Patient.identifier" in line and "PID-3" in line and "PID-Patient.yaml" in line for line in lines)
         assert any("Encounter.extension" in line and "PV2-9" in line for line in lines)
         assert lines[-1] == "not used by any rule: EVN-1, PID-1, PV1-1, OBX (whole segment)"
+
+    def test_a_rich_discharge_drops_only_set_ids_and_the_expected_date(self, mappings: MappingSet) -> None:
+        """An A03 with PD1, NK1, PV2, DG1, NTE and ZDS: every field carried is mapped but set ids and PV2-9."""
+        message = parse((GOLDEN / "ADT_A03/v26_full.hl7").read_bytes())
+        result = map_message(message, mappings, TZ)
+        # PV2-9 (expected discharge) means nothing once the patient has left: A03 maps PV1-45 instead.
+        assert unused_fields(message, result) == ["EVN-1", "PID-1", "NK1-1", "PV1-1", "PV2-9", "DG1-1", "NTE-1"]
