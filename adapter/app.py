@@ -10,6 +10,7 @@ import structlog
 
 from adapter import __version__, metrics
 from adapter.admin import AdminServer
+from adapter.audit.fhir_audit import AuditEventSender
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.errors import ConfigError, StoreUnavailable
@@ -44,6 +45,7 @@ class App:
                 f"{settings.mapping.dir}/site.yaml: routing: target(s) {sorted(unknown)} are not configured"
                 f" (configured: {sorted(self.targets)})"
             )
+        self.audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
         self.forwarder = Forwarder(
             self.store,
             self.targets,
@@ -51,6 +53,7 @@ class App:
             # One worker per allowed request: the [fhir] cap plus each named target's.
             max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
             policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
+            audit_events=self.audit_events,
         )
         options = IntakeOptions(
             timezone=settings.mapping.timezone,
@@ -117,6 +120,8 @@ class App:
         metrics.REGISTRY.register(self._queue_collector)
         if self.admin is not None:
             self.admin.start()
+        if self.audit_events is not None:
+            self.audit_events.start()
         forwarder = asyncio.create_task(self.forwarder.run())
         retention = asyncio.create_task(self.purge_loop())
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
@@ -135,6 +140,8 @@ class App:
         forwarder.cancel()
         retention.cancel()
         await asyncio.gather(forwarder, retention, return_exceptions=True)
+        if self.audit_events is not None:
+            await self.audit_events.aclose(grace)
         if self.admin is not None:
             self.admin.stop()
         metrics.REGISTRY.unregister(self._queue_collector)

@@ -169,6 +169,9 @@ class AuditSettings(_Section):
     # are purged by serve once an hour and by `homeward audit purge`; 0 keeps them for ever.
     # Audit records, sizes and hashes always stay, and the chain still verifies.
     body_retention_days: float = Field(default=0, ge=0)
+    # A FHIR server (base URL, or its .../AuditEvent endpoint) that receives one AuditEvent per
+    # delivery attempt (IHE BALP shape); empty: none. Best effort; the store's trail is the record.
+    fhir_url: str = ""
 
 
 class AdminSettings(_Section):

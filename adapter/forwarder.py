@@ -18,6 +18,7 @@ import structlog
 import tenacity
 
 from adapter import metrics
+from adapter.audit.fhir_audit import AuditEventSender
 from adapter.config import RetrySettings
 from adapter.errors import DeliveryError, RetryableDelivery, StoreUnavailable
 from adapter.store.base import OutboxItem, Store
@@ -69,6 +70,7 @@ class Forwarder:
         max_in_flight: int = 4,
         clock: Callable[[], float] = time.time,
         policies: dict[str, RetryPolicy] | None = None,
+        audit_events: AuditEventSender | None = None,
     ):
         self.store = store
         self.targets = targets
@@ -76,6 +78,7 @@ class Forwarder:
         self.policies = policies or {}  # a target's own retry policy; others use `policy`
         self.max_in_flight = max_in_flight
         self.clock = clock
+        self.audit_events = audit_events  # optional FHIR AuditEvent per attempt (adapter/audit/fhir_audit.py)
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -157,11 +160,21 @@ class Forwarder:
         metrics.DELIVERY_LATENCY.labels(item.target).observe(time.perf_counter() - started)
         await self.store.mark_delivered(item, self.clock(), detail)
         metrics.DELIVERED.labels(item.event or "unknown", item.target).inc()
+        self._audit_event(item, "delivered", detail.get("status"), list(detail.get("response") or []))
         bound.info(
             "message.delivered",
             status=detail.get("status"),
             duration_ms=detail.get("duration_ms"),
             age_ms=round((self.clock() - item.created_at) * 1000, 1),
+        )
+
+    def _audit_event(self, item: OutboxItem, result: str, status: Any, locations: list[str]) -> None:
+        if self.audit_events is None:
+            return
+        target = self.targets.get(item.target)
+        url = str(getattr(target, "base_url", "") or getattr(target, "directory", "") or item.target)
+        self.audit_events.attempt(
+            item, result=result, target_url=url, status=status, locations=locations, now=self.clock()
         )
 
     async def _stale(self, item: OutboxItem) -> str | None:
@@ -199,8 +212,10 @@ class Forwarder:
             for_people = f"{reason}; server said: {exc.diagnostics}" if exc.diagnostics else reason
             await self.store.dead_letter(item, now, for_people, detail)
             metrics.DEAD_LETTERED.labels(item.event or "unknown", item.target).inc()
+            self._audit_event(item, "dead", exc.status, [])
             bound.error("message.dead_lettered", status=exc.status, reason=reason)
             return
         delay = policy.delay(attempts, exc.retry_after)
         await self.store.reschedule(item, now + delay, exc.reason, {**detail, "retry_in_seconds": round(delay, 3)})
+        self._audit_event(item, "retry", exc.status, [])
         bound.warning("message.retry_scheduled", status=exc.status, reason=exc.reason, retry_in_seconds=round(delay, 3))

@@ -55,6 +55,12 @@ DELIVERY_LATENCY = Histogram(
     buckets=_DELIVERY_BUCKETS,
     registry=REGISTRY,
 )
+AUDIT_EVENTS = Counter(
+    "homeward_audit_events",
+    "FHIR AuditEvents for the audit repository, by result (sent, failed, dropped)",
+    ["result"],
+    registry=REGISTRY,
+)
 
 
 class QueueCollector(Collector):
