@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -168,6 +169,64 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Run the conformance suite against a live FHIR server; exit 0 only when every required check passed."""
+    from adapter.config import AuthSettings, TargetSettings
+    from adapter.conformance.suite import Suite, load_requirements
+    from adapter.mapping.loader import load_mappings
+    from adapter.targets import FhirTarget, build_target
+
+    settings = _settings(args)
+    chosen = next((t for t in settings.targets if t.name == args.target), None) if args.target else None
+    if args.target and chosen is None:
+        raise ConfigError(f"no [[targets]] entry named '{args.target}'")
+    fields: dict[str, Any] = chosen.model_dump() if chosen is not None else {"name": "conformance"}
+    if args.server:
+        fields["base_url"] = args.server
+    if not fields.get("base_url"):
+        raise ConfigError("give --server URL (or --target NAME with a base_url)")
+    if args.mode:
+        fields["mode"] = args.mode
+    headers = dict(fields.get("headers") or {})
+    for pair in args.header:
+        key, _, value = pair.partition(":")
+        headers[key.strip()] = value.strip()
+    fields["headers"] = headers
+    if args.token_url:
+        fields["auth"] = AuthSettings(
+            kind="oauth2",
+            token_url=args.token_url,
+            client_id=args.client_id,
+            scope=args.scope,
+            client_secret_env=args.client_secret_env,
+        ).model_dump()
+    fields["kind"] = "fhir"
+    target = build_target(TargetSettings.model_validate(fields))
+    assert isinstance(target, FhirTarget)
+    requirements, profiles = load_requirements(args.conformance)
+    suite = Suite(
+        target,
+        load_mappings(settings.mapping.dir),
+        requirements,
+        profiles,
+        tz=ZoneInfo(settings.mapping.timezone),
+        load_profiles=args.load_profiles,
+        keep=args.keep,
+    )
+
+    async def run() -> None:
+        try:
+            await suite.run()
+        finally:
+            await target.aclose()
+
+    asyncio.run(run())
+    report = suite.report
+    print(report.table())
+    report.write(args.json, args.junit)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homeward", description=__doc__)
     parser.add_argument("--version", action="version", version=f"homeward {__version__}")
@@ -207,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
+    conf = with_config(
+        sub.add_parser("conformance", help="check a live FHIR server against what Homeward needs (report, JUnit, JSON)")
+    )
+    conf.add_argument("--server", help="the FHIR server's base URL")
+    conf.add_argument("--target", help="take mode, headers, TLS and auth from this [[targets]] entry of --config")
+    conf.add_argument(
+        "--mode", choices=["transaction", "batch", "conditional"], help="delivery mode (default: transaction)"
+    )
+    conf.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header")
+    conf.add_argument("--token-url", help="OAuth2 client credentials: token endpoint")
+    conf.add_argument("--client-id", default="", help="OAuth2 client id")
+    conf.add_argument("--client-secret-env", default="", help="variable holding the OAuth2 client secret")
+    conf.add_argument("--scope", default="", help="OAuth2 scope")
+    conf.add_argument("--load-profiles", action="store_true", help="PUT Homeward's StructureDefinitions first")
+    conf.add_argument("--keep", action="store_true", help="do not delete the test resources afterwards")
+    conf.add_argument("--junit", type=Path, help="write a JUnit XML report here")
+    conf.add_argument("--json", type=Path, help="write a JSON report here")
+    conf.add_argument(
+        "--conformance", type=Path, default=CONFORMANCE_DIR, help="folder with the requirements and profiles"
+    )
+    conf.set_defaults(func=cmd_conformance)
     audit_cli.add_parser(sub, with_config)
     from adapter import cli_delivery
 
