@@ -38,7 +38,7 @@ def golden_message(relative: str) -> bytes:
 class ServeProcess:
     """`homeward serve` in a subprocess with its own store and log file; the port is read from its log."""
 
-    def __init__(self, tmp: Path, env: dict[str, str]):
+    def __init__(self, tmp: Path, env: dict[str, str], args: tuple[str, ...] = ()):
         self.tmp = tmp
         self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
         self.env = {
@@ -51,7 +51,7 @@ class ServeProcess:
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adapter", "serve"],
+            [sys.executable, "-m", "adapter", "serve", *args],
             env=self.env,
             cwd=tmp,
             stdout=self._log,
@@ -102,11 +102,11 @@ class ServeProcess:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:
-    """Start `homeward serve` subprocesses (call with extra env); all are stopped at teardown."""
+    """Start `homeward serve` subprocesses (call with extra arguments and env); all are stopped at teardown."""
     started: list[ServeProcess] = []
 
-    def start(**env: str) -> ServeProcess:
-        process = ServeProcess(tmp_path, env)
+    def start(*args: str, **env: str) -> ServeProcess:
+        process = ServeProcess(tmp_path, env, args)
         started.append(process)
         return process
 
