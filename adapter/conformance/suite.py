@@ -137,14 +137,18 @@ class Suite:
     async def metadata(self) -> None:
         try:
             response = await self.get("metadata")
-            body = response.json() if response.content else {}
-        except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
-            self.report.add(
-                "metadata.read", "GET /metadata", status="failed", detail=f"GET /metadata: {type(exc).__name__}"
-            )
+        except httpx.HTTPError as exc:
+            detail = f"GET /metadata: {type(exc).__name__} (server not reachable)"
+            self.report.add("metadata.read", "GET /metadata", status="failed", detail=detail)
             return
+        try:
+            body = response.json()
+        except ValueError:  # not JSON: an HTML error page, a proxy's text
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
         if response.status_code != 200 or body.get("resourceType") != "CapabilityStatement":
-            kind = body.get("resourceType", "no FHIR resource") if isinstance(body, dict) else "no FHIR resource"
+            kind = body.get("resourceType", "no FHIR resource")
             self.report.add(
                 "metadata.read",
                 "GET /metadata returns a CapabilityStatement",
