@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -28,6 +29,7 @@ log = structlog.get_logger("homeward.app")
 
 # Retention works in hours and days; an hourly purge keeps each batch small.
 PURGE_INTERVAL_SECONDS = 3600.0
+CHECKPOINT_INTERVAL_SECONDS = 3600.0
 
 
 class App:
@@ -82,6 +84,17 @@ class App:
         stats.update({row[0]: row for row in self.store.queue_stats()})
         return list(stats.values())
 
+    async def checkpoint_loop(self) -> None:
+        """Log where the audit chain ends, at start and hourly: shipped logs become a witness outside
+        the store, so a later `homeward audit verify --expect SEQ:HASH` can catch a rolled-back file."""
+        while True:
+            try:
+                seq, head_hash = await asyncio.to_thread(self.store.audit_head)
+                log.info("audit.checkpoint", seq=seq, hash=head_hash)
+            except Exception as exc:  # a read that fails now is tried again next time; never ends the loop
+                log.error("audit.checkpoint_failed", error=type(exc).__name__)
+            await asyncio.sleep(CHECKPOINT_INTERVAL_SECONDS)
+
     async def purge_loop(self) -> None:
         """Retention: purge bodies past audit.body_retention_days now and then once an hour."""
         days = self.settings.audit.body_retention_days
@@ -124,6 +137,7 @@ class App:
             self.audit_events.start()
         forwarder = asyncio.create_task(self.forwarder.run())
         retention = asyncio.create_task(self.purge_loop())
+        checkpoints = asyncio.create_task(self.checkpoint_loop())
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
         log.info(
             "homeward.started",
@@ -139,11 +153,15 @@ class App:
         await self.forwarder.stop(grace)
         forwarder.cancel()
         retention.cancel()
-        await asyncio.gather(forwarder, retention, return_exceptions=True)
+        checkpoints.cancel()
+        await asyncio.gather(forwarder, retention, checkpoints, return_exceptions=True)
         if self.audit_events is not None:
             await self.audit_events.aclose(grace)
         if self.admin is not None:
             self.admin.stop()
         metrics.REGISTRY.unregister(self._queue_collector)
+        with contextlib.suppress(Exception):  # the last witness; shutting down matters more
+            seq, head_hash = self.store.audit_head()
+            log.info("audit.checkpoint", seq=seq, hash=head_hash)
         self.store.close()
         log.info("homeward.stopped")

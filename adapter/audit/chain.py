@@ -79,8 +79,18 @@ def head_mac(key: bytes | None, seq: int, hash: str) -> str:
     return hmac.new(key, f"{seq}:{hash}".encode(), hashlib.sha256).hexdigest()
 
 
-def verify(records: Iterable[ChainRecord], head: Head | None, key: bytes | None = None) -> tuple[int, Problem | None]:
-    """Walk records in seq order; return how many were checked and the first problem, if any."""
+def verify(
+    records: Iterable[ChainRecord],
+    head: Head | None,
+    key: bytes | None = None,
+    checkpoints: dict[int, str] | None = None,
+) -> tuple[int, Problem | None]:
+    """Walk records in seq order; return how many were checked and the first problem, if any.
+
+    `checkpoints` ({seq: hash}, e.g. from `audit.checkpoint` log lines kept elsewhere) must still be
+    in the chain: this catches a file rolled back or rebuilt, which the chain and head alone cannot.
+    """
+    checkpoints = checkpoints or {}
     expected_seq = 1
     prev_hash = GENESIS
     checked = 0
@@ -96,10 +106,19 @@ def verify(records: Iterable[ChainRecord], head: Head | None, key: bytes | None 
             )
         if record_hash(r.seq, r.at, r.inbound_id, r.outbox_id, r.stage, r.detail, r.prev_hash) != r.hash:
             return checked, Problem(r.seq, "changed", f"record {r.seq} ({r.stage}) does not match its hash")
+        if r.seq in checkpoints and checkpoints[r.seq] != r.hash:
+            return checked, Problem(
+                r.seq, "changed", f"record {r.seq} is not the one checkpointed: history was rewritten"
+            )
         checked += 1
         expected_seq += 1
         prev_hash = r.hash
     last_seq = expected_seq - 1
+    beyond = [seq for seq in checkpoints if seq > last_seq]
+    if beyond:
+        return checked, Problem(
+            min(beyond), "truncated", f"checkpointed record {min(beyond)} is gone: the store was rolled back or cut"
+        )
     if head is None:
         if last_seq:
             return checked, Problem(last_seq, "head", "the audit head is missing")

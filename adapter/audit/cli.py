@@ -50,8 +50,14 @@ def parse_time(value: str, timezone: str) -> float:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
+    checkpoints = {}
+    for text in args.expect or []:
+        seq, _, head_hash = text.partition(":")
+        if not seq.isdigit() or len(head_hash) != 64:
+            raise ConfigError(f"--expect {text!r}: use SEQ:HASH as logged by audit.checkpoint")
+        checkpoints[int(seq)] = head_hash
     with query.connect(settings) as conn:
-        result = query.verify(conn, keys)
+        result = query.verify(conn, keys, checkpoints)
     if args.json:
         _emit_json(result.as_dict())
     elif result.problem is None:
@@ -153,6 +159,12 @@ def add_parser(sub: Any, with_config: Any) -> None:
         return p
 
     verify = common(commands.add_parser("verify", help="check the hash chain; exit 1 naming the first bad record"))
+    verify.add_argument(
+        "--expect",
+        action="append",
+        metavar="SEQ:HASH",
+        help="a head recorded elsewhere (the audit.checkpoint log line); must still be in the chain",
+    )
     verify.set_defaults(audit_func=cmd_verify)
     show = common(commands.add_parser("show", help="the whole history of a message (by MSH-10) as a timeline"))
     show.add_argument("control_id")

@@ -97,12 +97,12 @@ def _records(reader: Reader, page: int = 10_000) -> Iterator[chain.ChainRecord]:
         after = rows[-1][0]
 
 
-def verify(reader: Reader, keys: AuditKeys | None) -> VerifyResult:
+def verify(reader: Reader, keys: AuditKeys | None, checkpoints: dict[int, str] | None = None) -> VerifyResult:
     """Walk the whole chain against the head (and the head's signature when a key is given)."""
     reader.snapshot()
     found = reader.rows("SELECT seq, hash, mac FROM audit_head WHERE id = 1")
     head = chain.Head(*found[0]) if found else None
-    checked, problem = chain.verify(_records(reader), head, keys.checkpoint if keys else None)
+    checked, problem = chain.verify(_records(reader), head, keys.checkpoint if keys else None, checkpoints)
     return VerifyResult(checked, head, problem, signed=keys is not None)
 
 

@@ -549,6 +549,10 @@ class PostgresStore:
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 
+    def audit_head(self) -> tuple[int, str]:
+        rows = self.query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else (0, chain.GENESIS)
+
 
 # Bodies a person may still need stay: anything still pending or waiting in the dead letters.
 # SKIP LOCKED: a row being sent right now is left for the next purge.

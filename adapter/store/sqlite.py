@@ -485,6 +485,10 @@ class SqliteStore:
     def pending_count(self) -> int:
         return int(self.query("SELECT count(*) FROM outbox WHERE state = 'pending'")[0][0])
 
+    def audit_head(self) -> tuple[int, str]:
+        rows = self.query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else (0, chain.GENESIS)
+
     def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
         rows = self.query(
             "SELECT target, sum(state = 'pending'), min(CASE WHEN state = 'pending' THEN queued_at END),"

@@ -182,3 +182,52 @@ def test_missing_store_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "nope.sqlite3"))
     assert main(["audit", "verify"]) == 2
     assert not (tmp_path / "nope.sqlite3").exists()
+
+
+def head_of(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    seq, head_hash = conn.execute("SELECT seq, hash FROM audit_head").fetchone()
+    conn.close()
+    return f"{seq}:{head_hash}"
+
+
+def test_checkpoint_catches_a_cut_chain_with_a_rebuilt_head(
+    store_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a key, cutting the newest records and moving the head back passes verify; --expect catches it."""
+    fill(store_path)
+    witness = head_of(store_path)  # what serve logs as audit.checkpoint
+    conn = sqlite3.connect(store_path)
+    with conn:
+        conn.execute("DELETE FROM audit WHERE id > 15")
+        conn.execute("UPDATE audit_head SET seq = 15, hash = (SELECT hash FROM audit WHERE id = 15)")
+    conn.close()
+    assert verify(store_path, capsys)[0] == 0
+    code, text = verify(store_path, capsys, "--expect", witness)
+    assert code == 1
+    assert "BROKEN at record 18 (truncated)" in text
+
+
+def test_checkpoint_catches_a_rewritten_chain(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a key, a rebuilt chain passes verify; a checkpoint taken before the rewrite names the record."""
+    fill(store_path)
+    witness = head_of(store_path)
+    conn = sqlite3.connect(store_path)
+    rows = conn.execute("SELECT id, at, inbound_id, outbox_id, stage, detail FROM audit ORDER BY id").fetchall()
+    prev: chain.Head | None = None
+    with conn:
+        for seq, at, inbound_id, outbox_id, stage, detail in rows:
+            this = chain.link(prev, at, inbound_id, outbox_id, stage, detail.replace("200", "201"))
+            conn.execute(
+                "UPDATE audit SET detail = ?, prev_hash = ?, hash = ? WHERE id = ?",
+                (detail.replace("200", "201"), prev.hash if prev else chain.GENESIS, this.hash, seq),
+            )
+            prev = this
+        assert prev is not None
+        conn.execute("UPDATE audit_head SET seq = ?, hash = ?", (prev.seq, prev.hash))
+    conn.close()
+    assert verify(store_path, capsys)[0] == 0
+    code, text = verify(store_path, capsys, "--expect", witness)
+    assert code == 1
+    assert "BROKEN at record 18 (changed)" in text and "checkpointed" in text
+    assert main(["audit", "verify", "--expect", "nonsense"]) == 2

@@ -115,5 +115,10 @@ def test_no_patient_data_in_logs(serve, httpserver: HTTPServer, tmp_path: Path) 
     audit_text = "\n".join(row[0] for row in conn.execute("SELECT stage || ' ' || detail FROM audit"))
     conn.close()
     assert "dead_lettered" in audit_text and "outcome_sha256" in audit_text
+    # The last audit.checkpoint line (at shutdown) names the chain's real head: a witness outside the store.
+    last = [line for line in process.log_lines() if line.get("event") == "audit.checkpoint"][-1]
+    conn = sqlite3.connect(tmp_path / "homeward.sqlite3")
+    assert (last["seq"], last["hash"]) == conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    conn.close()
     leaks = sorted({value for value in FORBIDDEN if value in audit_text})
     assert not leaks, f"patient data in the audit records: {leaks}"
