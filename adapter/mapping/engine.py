@@ -81,7 +81,7 @@ class _Run:
         )
 
     def lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
-        return _lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location)
+        return _lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location, self.flags)
 
     # -- reading the message -------------------------------------------------------------------
 
@@ -171,7 +171,8 @@ def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, expl
     if mm.provenance:
         entries.append(_provenance(run, mm, entries))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return MapResult(bundle, _ordering_key(message), run.flags, run.trace, run.used, route)
+    flags = list(dict.fromkeys(run.flags))  # one note per field, though several resources read it
+    return MapResult(bundle, _ordering_key(message), flags, run.trace, run.used, route)
 
 
 def _check_requires(run: _Run, mm: MessageMap) -> None:
@@ -346,6 +347,8 @@ def _apply(
             _set(target, rule.element, result, rule.info.is_list)
             if run.explain:
                 source = "(value)" if rule.source is None else location
+                if rule.vocabulary:
+                    source = f"{source} via {rule.vocabulary}"
                 run.trace.append(TraceLine(f"{where}.{rule.element}", source, rule.origin))
 
 
@@ -365,7 +368,7 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
         fhir_type = rule.info.type
         if rule.into is not None:
             fhir_type = _into_type(rule)
-        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, fhir_type, location)
+        value = _lookup(run.mappings.vocabularies[rule.vocabulary], value, fhir_type, location, run.flags)
     if isinstance(value, Repetition):
         value = value.component(1)
     return value
@@ -382,17 +385,22 @@ def _fill(template: dict[str, Any], into: str, value: Any) -> dict[str, Any]:
     return built
 
 
-def _lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str) -> Any:
+def _lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str, flags: list[str]) -> Any:
+    """A code table lookup; a value the table does not list follows its `unmapped` policy, noted in `flags`."""
     code = value.component(1) if isinstance(value, Repetition) else ("" if value is None else str(value))
     if not code:
         return None
     entry = vocab.codes.get(code) or vocab.codes.get(code.upper())
     if entry is None:
+        # The note names the field and the table, never the value (it may be patient data).
         if vocab.unmapped == "omit":
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; left out")
             return None
         if vocab.unmapped == "default" and vocab.default is not None:
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; default {vocab.default} used")
             entry = vocab.codes[vocab.default]
         elif vocab.unmapped == "text" and fhir_type == "CodeableConcept":
+            flags.append(f"{location}: value not in vocabulary {vocab.name}; carried as text")
             return {"text": code}
         else:
             raise MappingError(

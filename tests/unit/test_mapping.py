@@ -115,6 +115,21 @@ class TestContentRules:
         assert codes == ["bridging-care", "reablement", "equipment"]
         assert plan["period"] == {"start": "2026-11-24T10:15:00+00:00", "end": "2026-12-01T10:15:00+00:00"}
 
+    def test_unmapped_codes_follow_the_table_policy_and_are_noted(self, mappings: MappingSet) -> None:
+        """Values no code table lists become a default, text or nothing, as each table says; each is noted once."""
+        result = map_case("ADT_A03/unknown_codes", mappings)
+        assert resources(result, "Patient")[0]["resource"]["gender"] == "unknown"  # 0001: default U
+        encounter = resources(result, "Encounter")[0]["resource"]
+        assert encounter["hospitalization"]["dischargeDisposition"] == {"text": "HOMEX"}  # text policy
+        assert "PV1-36: value not in vocabulary DischargeDestination; carried as text" in result.flags
+        assert len(result.flags) == len(set(result.flags))
+        assert not any("HOMEX" in flag for flag in result.flags)  # notes name fields, never values
+
+    def test_death_on_the_ward(self, mappings: MappingSet) -> None:
+        """PV1-36 79 and PID-29: the Patient gets deceasedDateTime in the feed's zone."""
+        result = map_case("ADT_A03/died", mappings)
+        assert resources(result, "Patient")[0]["resource"]["deceasedDateTime"] == "2026-11-24T06:10:00+00:00"
+
     def test_missing_required_field_names_it(self, mappings: MappingSet) -> None:
         """An A03 without PV1-19 is refused with the field named (ERR-2 of the AE)."""
         with pytest.raises(MappingError) as info:
