@@ -20,7 +20,8 @@ from adapter.intake import Intake, IntakeOptions
 from adapter.mapping.loader import load_mappings
 from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
-from adapter.mllp.server import MllpServer
+from adapter.mllp.allow import AllowList
+from adapter.mllp.server import MllpServer, server_ssl_context
 from adapter.store import open_store
 from adapter.store.base import Actor
 from adapter.targets import build_targets
@@ -61,6 +62,7 @@ class App:
             timezone=settings.mapping.timezone,
             strict=settings.hl7.strict,
             fallback_charset=settings.hl7.fallback_charset,
+            allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
         )
         self.intake = Intake(
             self.store, self.mappings, options, on_accepted=self.forwarder.wake, audit_keys=self.audit_keys
@@ -71,6 +73,8 @@ class App:
             settings.mllp.port,
             max_frame_bytes=settings.mllp.max_frame_bytes,
             idle_timeout=settings.mllp.idle_timeout_seconds,
+            ssl_context=server_ssl_context(settings.mllp),
+            max_connections=settings.mllp.max_connections,
         )
         self.admin: AdminServer | None = None
         if settings.admin.port is not None:

@@ -8,7 +8,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from adapter.errors import ConfigError
 
@@ -39,6 +48,33 @@ class MllpSettings(_Section):
     idle_timeout_seconds: float = Field(default=300.0, gt=0)
     # How long SIGTERM waits for in-flight messages before closing anyway.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Bounded work: each connection handles one frame at a time, so memory is at most about
+    # max_connections x max_frame_bytes. Connections beyond this are closed with a log line.
+    max_connections: int = Field(default=64, ge=1)
+    # TLS on the listener: certificate and key (PEM). With tls_client_ca_file, mutual TLS: a client
+    # must present a certificate signed by that CA.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Allow-lists (empty: anyone). A sender outside them gets AR and a log line; the frame is kept.
+    # In the environment: comma-separated, e.g. HOMEWARD_MLLP_ALLOW_NETWORKS=10.20.0.0/16,127.0.0.1/32
+    allow_networks: list[IPvAnyNetwork] = []
+    allow_facilities: list[str] = []
+
+    @field_validator("allow_networks", "allow_facilities", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MllpSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
 
 class StoreSettings(_Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,6 +25,7 @@ from adapter.mapping.engine import map_message
 from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
+from adapter.mllp.allow import AllowList
 from adapter.store.base import Delivery, InboundRecord, Outcome, Store
 from adapter.visits import visit_and_time
 
@@ -42,6 +43,8 @@ class IntakeOptions:
     fallback_charset: str = "cp1252"
     # "full": every bundle passes fhir.resources R4B validation before it is stored.
     validation: str = "full"
+    # mllp.allow_networks / mllp.allow_facilities: others get AR before anything else is done.
+    allow: AllowList = field(default_factory=AllowList)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,13 @@ class Intake:
         )
         bound.info("message.received")
         try:
+            if self.options.allow.networks or self.options.allow.facilities:
+                record = replace(
+                    record,
+                    sending_facility=header.sending_facility,
+                    message_control_id=header.message_control_id,
+                )
+                self.options.allow.check(peer, header.sending_facility)
             message = parse(payload, fallback_charset=self.options.fallback_charset, strict=self.options.strict)
             record = _identify(record, message)
             bound = bound.bind(message_type=message.event)

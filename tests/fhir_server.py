@@ -57,14 +57,14 @@ def install() -> Path:
 class FhirServer:
     """One server process on 127.0.0.1, on a port of its choosing; empty (in-memory) at start."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, script: Path = SOURCE / "server.mjs"):
         node = install()
         # ES modules resolve packages next to the script, so it runs from the cache's copy.
-        shutil.copyfile(SOURCE / "server.mjs", CACHE / "server.mjs")
+        shutil.copyfile(script, CACHE / script.name)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(node), str(CACHE / "server.mjs"), "0"],
+            [str(node), str(CACHE / script.name), "0"],
             cwd=CACHE,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -140,8 +140,9 @@ def _care_plan_differential() -> list[dict[str, Any]]:
                 {
                     "key": "hw-cp-1",
                     "severity": "error",
-                    "human": "One activity refers to the discharge referral (the ServiceRequest)",
-                    "expression": "activity.reference.reference.exists()",
+                    "human": "One activity refers to the discharge referral (the ServiceRequest), by id or by identifier",
+                    # batch and conditional delivery send logical references (Reference.identifier)
+                    "expression": "activity.reference.where(reference.exists() or identifier.exists()).exists()",
                     "source": CARE_PLAN_PROFILE,
                 }
             ],

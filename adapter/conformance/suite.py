@@ -29,6 +29,7 @@ from adapter.errors import DeliveryError, InboundError
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
 from adapter.mapping.model import MappingSet
+from adapter.modes import identifier_of
 from adapter.store.base import OutboxItem
 from adapter.targets import FhirTarget
 
@@ -372,9 +373,16 @@ class Suite:
                 continue
             stored = (await self.get(ref)).json()
             for link in entry["resource"].get("link", []):
-                other = self.found.get(_entry_url(a40.bundle, link["other"].get("reference", "")), "")
+                other_url = _entry_url(a40.bundle, link["other"].get("reference", ""))
+                other = self.found.get(other_url, "")
+                # batch and conditional modes send the link as a logical reference (by identifier)
+                logical = identifier_of(other_url)
                 if not any(
-                    li.get("type") == link["type"] and li.get("other", {}).get("reference") == other
+                    li.get("type") == link["type"]
+                    and (
+                        li.get("other", {}).get("reference") == other
+                        or (logical is not None and li.get("other", {}).get("identifier") == logical)
+                    )
                     for li in stored.get("link", [])
                 ):
                     problems.append(f"Patient.link {link['type']} missing or not pointing at the other record")

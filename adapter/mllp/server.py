@@ -14,6 +14,8 @@ from typing import Protocol
 
 import structlog
 
+from adapter.config import MllpSettings
+from adapter.errors import ConfigError
 from adapter.mllp.framing import Frame, FrameReader, Junk, OversizeFrame, UnterminatedFrame, wrap
 
 log = structlog.get_logger("homeward.mllp")
@@ -43,6 +45,7 @@ class MllpServer:
         max_frame_bytes: int,
         idle_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 64,
     ):
         self.handler = handler
         self.host = host
@@ -50,6 +53,7 @@ class MllpServer:
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout = idle_timeout
         self.ssl_context = ssl_context
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a frame
         self._closing = False
@@ -69,9 +73,13 @@ class MllpServer:
         return len(self._connections)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.requested_port, ssl=self.ssl_context, limit=READ_CHUNK
-        )
+        if self.ssl_context is None:
+            self._server = await asyncio.start_server(self._serve, self.host, self.requested_port, limit=READ_CHUNK)
+        else:
+            # The handshake is run per connection (_tls) rather than by the server, so a failed one
+            # (no or wrong client certificate) is logged here; asyncio would only debug-log it.
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: _TlsGate(self), self.host, self.requested_port)
         log.info("mllp.listening", host=self.host, port=self.port, tls=self.ssl_context is not None)
 
     async def stop(self, grace: float) -> None:
@@ -92,9 +100,38 @@ class MllpServer:
             await self._server.wait_closed()
         log.info("mllp.stopped")
 
+    async def _tls(self, transport: asyncio.BaseTransport) -> None:
+        """Handshake on a new connection (reading paused since it was made), then serve it as streams."""
+        assert self.ssl_context is not None and isinstance(transport, asyncio.Transport)
+        loop = asyncio.get_running_loop()
+        info = transport.get_extra_info("peername")
+        peer = f"{info[0]}:{info[1]}" if isinstance(info, tuple) else str(info)
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            tls = await asyncio.wait_for(
+                loop.start_tls(transport, protocol, self.ssl_context, server_side=True), self.idle_timeout
+            )
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("mllp.tls_refused", peer=peer, reason=str(getattr(exc, "reason", None) or type(exc).__name__))
+            transport.close()
+            return
+        if tls is None:  # the peer went away during the handshake
+            transport.close()
+            return
+        protocol.connection_made(tls)
+        await self._serve(reader, asyncio.StreamWriter(tls, protocol, reader, loop))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            # Bounded work: the sender reconnects later; this is logged, never silent.
+            log.warning("mllp.connection_refused", peer=_peer(writer), reason="mllp.max_connections reached")
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
         self._connections[task] = False
         try:
             await self._connection(task, reader, writer)
@@ -104,9 +141,12 @@ class MllpServer:
     async def _connection(
         self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        peer_info = writer.get_extra_info("peername")
-        peer = f"{peer_info[0]}:{peer_info[1]}" if isinstance(peer_info, tuple) else str(peer_info)
+        peer = _peer(writer)
         bound = log.bind(peer=peer)
+        if self.ssl_context is not None:
+            cert = writer.get_extra_info("peercert") or {}
+            subject = dict(pair[0] for pair in cert.get("subject", ()))
+            bound = bound.bind(tls=True, client_cn=subject.get("commonName"))
         bound.info("mllp.connected")
         frames = FrameReader(self.max_frame_bytes)
         reason = "closed by peer"
@@ -153,3 +193,37 @@ class MllpServer:
             return
         writer.write(wrap(ack))
         await writer.drain()
+
+
+class _TlsGate(asyncio.Protocol):
+    """A new TLS connection: stop reading at once (the ClientHello must reach the handshake, not a
+    stream buffer) and hand the transport to MllpServer._tls."""
+
+    def __init__(self, server: MllpServer):
+        self.server = server
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.task = asyncio.get_running_loop().create_task(self.server._tls(transport))
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    info = writer.get_extra_info("peername")
+    return f"{info[0]}:{info[1]}" if isinstance(info, tuple) else str(info)
+
+
+def server_ssl_context(settings: MllpSettings) -> ssl.SSLContext | None:
+    """TLS for the listener from mllp.tls_*; with a client CA, clients must present a certificate (mutual TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+        if settings.tls_client_ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mllp.tls_*: cannot load the certificate files ({exc})") from exc
+    return context

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import GOLDEN, ROOT
-from tests.fhir_server import FhirServer
+from tests.fhir_server import CACHE, FhirServer
 
 
 def _a03_bundle() -> bytes:
@@ -44,3 +46,15 @@ def test_replayed_bundle_creates_nothing_new(fhir_server: FhirServer) -> None:
     assert found["total"] == 1
     referral = found["entry"][0]["resource"]
     assert referral["subject"]["reference"].startswith("Patient/")
+
+
+def test_a_server_that_cannot_start_fails_the_run_loudly(tmp_path: Path) -> None:
+    """The fixture's failure is pytest.fail with node's own output, never a skip."""
+    broken = tmp_path / "broken-server.mjs"
+    broken.write_text("import '@medplum/no-such-package';\n")
+    try:
+        with pytest.raises(pytest.fail.Exception, match="exited at start-up") as caught:
+            FhirServer(tmp_path / "broken.log", script=broken)
+    finally:
+        (CACHE / broken.name).unlink(missing_ok=True)
+    assert "no-such-package" in str(caught.value)

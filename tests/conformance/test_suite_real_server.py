@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT
 from tests.fhir_server import FhirServer
@@ -72,3 +76,40 @@ def test_without_profiles_on_the_server_validate_is_skipped_not_passed(tmp_path:
     assert "does not hold the profile" in checks["validate.ServiceRequest"]["detail"]
     assert result.returncode == 0, result.stdout  # an optional check that could not run does not fail the run
     assert "SKIP    validate.ServiceRequest" in result.stdout
+
+
+def _run(server: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, dict]:  # type: ignore[type-arg]
+    report = tmp_path / f"report-{len(list(tmp_path.iterdir()))}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "adapter", "conformance", "--server", server, "--json", str(report), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    return result.returncode, result.stdout, {c["id"]: c for c in json.loads(report.read_text())["checks"]}
+
+
+@pytest.mark.parametrize("mode", ["batch", "conditional"])
+def test_other_delivery_modes_pass_the_life_cycle(fhir_server: FhirServer, tmp_path: Path, mode: str) -> None:
+    """batch (references by identifier) and conditional (one PUT per entry) give the same results on a real server."""
+    code, stdout, checks = _run(fhir_server.base_url, tmp_path, "--mode", mode, "--load-profiles")
+    assert code == 0, stdout
+    assert checks["replay.no-duplicates"]["status"] == "passed"
+    assert checks["merge.links"]["status"] == "passed"
+
+
+def test_an_event_the_site_does_not_map_is_a_mapping_gap(fhir_server: FhirServer, tmp_path: Path) -> None:
+    mappings = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", mappings)
+    (mappings / "messages" / "ADT_A13.yaml").unlink()
+    site = mappings / "site.yaml"
+    site.write_text(re.sub(r"(?m)^  A13: process.*\n", "", site.read_text()))
+    code, stdout, checks = _run(fhir_server.base_url, tmp_path, env={"HOMEWARD_MAPPINGS_DIR": str(mappings)})
+    assert code == 1
+    assert checks["lifecycle.A13.map"]["status"] == "failed"
+    assert checks["lifecycle.A13.map"]["detail"] == "mapping gap: no mappings/messages/ADT_A13.yaml"
+    assert checks["lifecycle.A13.deliver"]["status"] == "skipped"
+    assert checks["lifecycle.A03.readback"]["status"] == "passed"  # the rest still runs
+    assert "FAIL    lifecycle.A13.map" in stdout

@@ -75,6 +75,11 @@ def test_golden_service_request_is_valid(validator: Validator) -> None:
             "CarePlan.activity[0]: invariant cpl-3 not met",
         ),
         ("CarePlan", lambda r: r.update(intent="order"), "CarePlan.intent: must be exactly the profile's fixedCode"),
+        (
+            "CarePlan",
+            lambda r: r.update(activity=[{"detail": {"status": "not-started"}}]),
+            "CarePlan: invariant hw-cp-1 not met",
+        ),
     ],
     ids=[
         "sr-identifier",
@@ -86,6 +91,7 @@ def test_golden_service_request_is_valid(validator: Validator) -> None:
         "cp-activity",
         "cp-cpl3",
         "cp-intent",
+        "cp-hw-cp-1",
     ],
 )
 def test_each_fault_names_its_element(validator: Validator, kind: str, change: Any, expected: str) -> None:
