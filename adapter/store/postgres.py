@@ -252,7 +252,13 @@ class PostgresStore:
             if inbound_id is None:
                 original = conn.execute("SELECT id FROM inbound WHERE dedup_key = %s", (record.dedup_key,)).fetchone()
                 dup_id = _insert_inbound(conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message")
-                _audit(conn, dup_id, None, "duplicate", {"original_inbound_id": original[0] if original else None})
+                _audit(
+                    conn,
+                    dup_id,
+                    None,
+                    "duplicate",
+                    {"ack_code": "AA", "original_inbound_id": original[0] if original else None},
+                )
                 assert dup_id is not None
                 return AcceptResult(dup_id, True)
             _audit(conn, inbound_id, None, "received", _received_detail(record))

@@ -112,3 +112,24 @@ def test_purged_body_is_gone_from_the_file(store_path: Path) -> None:
 def test_purge_needs_a_period(store_path: Path) -> None:
     """Without --older-than-days or audit.body_retention_days, purge refuses rather than purging everything."""
     assert main(["audit", "purge"]) == 2
+
+
+def test_serve_purges_past_retention(serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A serve started with audit.body_retention_days purges older finished bodies at once, audited."""
+    from adapter.mllp.client import MllpClient
+    from tests.audit.test_metrics import a03
+
+    first = serve()
+    with MllpClient("127.0.0.1", first.port, timeout=20) as client:
+        client.send(a03("RET-1"))
+    first.wait_for_log("message.delivered")
+    first.stop()
+    time.sleep(1.0)  # older than the retention below
+    second = serve(HOMEWARD_AUDIT_BODY_RETENTION_DAYS=str(0.5 / 86400))
+    (line,) = second.wait_for_log("retention.purged")
+    assert line["messages"] == 1
+    conn = sqlite3.connect(tmp_path / "homeward.sqlite3")
+    assert conn.execute("SELECT raw IS NULL FROM inbound WHERE message_control_id = 'RET-1'").fetchone() == (1,)
+    conn.close()
+    monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "homeward.sqlite3"))
+    assert main(["audit", "verify"]) == 0
