@@ -39,6 +39,20 @@ INVARIANTS = {
     "cpl-3: an activity has a reference or a detail, not both": (
         "Bundle.entry.resource.ofType(CarePlan).activity.all(detail.empty() or reference.empty())"
     ),
+    "every Encounter has a class and a subject": "Bundle.entry.resource.ofType(Encounter).all(class.exists() and subject.exists())",
+    "a referral and a plan always name their patient": (
+        "Bundle.entry.resource.where(resourceType = 'ServiceRequest' or resourceType = 'CarePlan').all(subject.exists())"
+    ),
+    "an active CarePlan has a period start": "Bundle.entry.resource.ofType(CarePlan).where(status = 'active').all(period.start.exists())",
+    "a RelatedPerson hangs off a Patient of the bundle": (
+        "Bundle.entry.resource.ofType(RelatedPerson).all(patient.reference in %bundle.entry.where(resource.resourceType = 'Patient').fullUrl)"
+    ),
+    "a merged Patient links to another Patient of the bundle": (
+        "Bundle.entry.resource.ofType(Patient).link.all(other.reference in %bundle.entry.where(resource.resourceType = 'Patient').fullUrl)"
+    ),
+    "Provenance targets every other entry": (
+        "Bundle.entry.resource.ofType(Provenance).target.count() = Bundle.entry.count() - 1"
+    ),
     "every resource that claims a profile claims a UK Core one": (
         "Bundle.entry.resource.meta.profile.all($this.startsWith('https://fhir.hl7.org.uk/StructureDefinition/UKCore-'))"
     ),
@@ -71,7 +85,7 @@ def check_bundle(bundle: dict[str, Any]) -> None:
     full_urls = {entry["fullUrl"] for entry in bundle["entry"]}
     dangling = [ref for ref in references(bundle) if ref not in full_urls]
     assert not dangling, f"references that resolve to no entry: {dangling}"
-    broken = [name for name, expr in INVARIANTS.items() if evaluate(bundle, expr) != [True]]
+    broken = [name for name, expr in INVARIANTS.items() if evaluate(bundle, expr, {"bundle": bundle}) != [True]]
     assert not broken, f"invariants not met: {broken}"
 
 
