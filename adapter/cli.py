@@ -1,4 +1,4 @@
-"""The `homeward` command: serve, map, send, migrate, check-config, audit, dead-letters, replay."""
+"""The `homeward` command: serve, map, send, import, migrate, check-config, audit, dead-letters, replay."""
 
 from __future__ import annotations
 
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     from adapter import cli_delivery
 
     cli_delivery.add_parsers(sub, with_config, _settings)
+    from adapter import cli_import
+
+    cli_import.add_parser(sub, with_config, _settings)
     return parser
 
 

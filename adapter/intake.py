@@ -47,6 +47,16 @@ class IntakeOptions:
     allow: AllowList = field(default_factory=AllowList)
 
 
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """What became of one message: the ACK sent, its code, the outcome stored, and why (refusals)."""
+
+    ack: bytes
+    code: AckCode
+    outcome: str  # accepted | duplicate | filtered | unrouted | refused | store_unavailable
+    reason: str = ""
+
+
 class Intake:
     """Turns one inbound frame into one ACK, storing it first."""
 
@@ -67,7 +77,12 @@ class Intake:
 
     async def frame(self, payload: bytes, peer: str) -> bytes:
         """Handle one complete MLLP frame and return the ACK bytes to send back."""
+        return (await self.handle(payload, peer)).ack
+
+    async def handle(self, payload: bytes, peer: str) -> Handled:
+        """Handle one message (from MLLP or `homeward import`): store it, and say what became of it."""
         started = time.perf_counter()
+        reason = ""
         record = InboundRecord(raw=payload, peer=peer, received_at=time.time())
         header = InboundHeader.from_bytes(payload)
         bound = log.bind(
@@ -93,12 +108,14 @@ class Intake:
         except InboundError as exc:
             outcome = await self._refuse(record, exc, bound)
             code = exc.ack_code
+            reason = _reason(exc)
             ack = build_ack(header, exc.ack_code, error_code=exc.hl7_error_code, location=exc.location, text=exc.reason)
         except Exception:  # a bug must not kill the connection: AE 207, so the sender does not loop
             bound.exception("message.internal_error")
             internal = InboundError("internal error while processing the message")
             outcome = await self._refuse(record, internal, bound)
             code = AckCode.ERROR
+            reason = f"207: {internal.reason}"
             ack = build_ack(header, code, error_code="207", text=internal.reason)
         elapsed = time.perf_counter() - started
         event = record.event or "unknown"
@@ -107,7 +124,7 @@ class Intake:
         metrics.ACK_LATENCY.observe(elapsed)
         metrics.LAST_RECEIVED.set(record.received_at)
         bound.info("message.acked", ack_code=code.value, outcome=outcome, duration_ms=round(elapsed * 1000, 3))
-        return ack
+        return Handled(ack, code, outcome, reason)
 
     async def oversize(self, head: bytes, size: int, peer: str) -> bytes:
         """A frame over the size limit: keep its head, answer AR naming the limit."""

@@ -84,6 +84,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_time      REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+-- The claim walks pending rows in id order (see CLAIM_SQL).
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, id);
 CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, state, id);
 CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state);
 -- Append-only and hash-chained (adapter/audit/chain.py): id is the chain's seq, 1, 2, 3, ...
@@ -506,11 +508,13 @@ class SqliteStore:
 
 # Only the oldest pending row of each (target, ordering_key) may go, and only when nothing for that
 # key is in flight: a retry of an A03 holds back the A13 that cancels it.
+# The unary + keeps SQLite off outbox_due: it walks outbox_pending in id order and stops at LIMIT,
+# instead of sorting every due row (a claim took 170-225 ms at a 20,000-row backlog, 0.03 ms now).
 CLAIM_SQL = f"""
 SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
        i.sending_facility, i.message_control_id, i.event, o.queued_at, o.visit_key, o.event_time
 FROM outbox o JOIN inbound i ON i.id = o.inbound_id
-WHERE o.state = '{DeliveryState.PENDING}' AND o.next_attempt_at <= ? AND o.claimed_until <= ?
+WHERE o.state = '{DeliveryState.PENDING}' AND +o.next_attempt_at <= ? AND +o.claimed_until <= ?
   AND NOT EXISTS (
       SELECT 1 FROM outbox p
       WHERE p.target = o.target AND p.ordering_key = o.ordering_key
