@@ -145,3 +145,29 @@ def test_find_needs_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "e.sqlite3"))
     monkeypatch.delenv("HOMEWARD_AUDIT_HMAC_KEY", raising=False)
     assert main(["audit", "find", "--nhs-number", "9449305552"]) == 2
+
+
+def test_verify_beside_a_busy_server(serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """`audit verify` run while messages flow reads one snapshot: no false alarm from records landing mid-walk."""
+    import threading
+
+    from adapter.mllp.client import MllpClient
+
+    process = serve()
+    monkeypatch.setenv("HOMEWARD_STORE", str(tmp_path / "homeward.sqlite3"))
+    done = threading.Event()
+
+    def traffic() -> None:
+        with MllpClient("127.0.0.1", process.port, timeout=20) as client:
+            for n in range(150):
+                client.send(a03(f"BUSY-{n}"))
+        done.set()
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    runs = 0
+    while not done.is_set() or runs < 3:
+        assert main(["audit", "verify"]) == 0
+        runs += 1
+    sender.join()
+    assert runs >= 3
