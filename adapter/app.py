@@ -60,6 +60,7 @@ class App:
         )
         options = IntakeOptions(
             timezone=settings.mapping.timezone,
+            validation=settings.mapping.validation,
             strict=settings.hl7.strict,
             fallback_charset=settings.hl7.fallback_charset,
             allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),

@@ -34,7 +34,10 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
     store = open_store(settings, serving=False, audit_keys=keys)
     options = IntakeOptions(
-        timezone=settings.mapping.timezone, strict=settings.hl7.strict, fallback_charset=settings.hl7.fallback_charset
+        timezone=settings.mapping.timezone,
+        validation=settings.mapping.validation,
+        strict=settings.hl7.strict,
+        fallback_charset=settings.hl7.fallback_charset,
     )
     intake = Intake(store, mappings, options, audit_keys=keys)
     positions = Positions(args.state)
