@@ -216,3 +216,31 @@ class TestDeadLetters:
         assert nothing.returncode == 1 and "queued again: 0" in nothing.stdout
         both = homeward(process, "replay")
         assert both.returncode == 2
+
+
+class TestTargets:
+    def test_each_target_has_its_own_queue_and_retry_policy(
+        self, serve, council: Council, httpserver: HTTPServer, tmp_path: Path
+    ) -> None:  # type: ignore[no-untyped-def]
+        """One message routed to two targets: the healthy one delivers; the failing one gives up by its own retry limit."""
+        second = Council(httpserver, "/b")
+        second.fail = lambda cid, attempt: (503, {}, None)
+        mappings = tmp_path / "mappings"
+        shutil.copytree(MAPPINGS, mappings)
+        site = (mappings / "site.yaml").read_text().replace("targets: [default]", "targets: [default, council-b]", 1)
+        (mappings / "site.yaml").write_text(site)
+        config = tmp_path / "homeward.toml"
+        config.write_text(
+            f'[[targets]]\nname = "council-b"\nbase_url = "{second.url}"\n'
+            "retry = { max_attempts = 2, initial_seconds = 0.05, max_seconds = 0.1 }\n"
+        )
+        process = serve(
+            "--config", str(config), HOMEWARD_FHIR_BASE_URL=council.url, HOMEWARD_MAPPINGS_DIR=str(mappings)
+        )
+        assert send(process.port, adt("TWO-1")) == ["AA"]
+        wait_until(lambda: council.applied == ["TWO-1"], what="default delivered")
+        (dead,) = process.wait_for_log("message.dead_lettered")
+        assert dead["target"] == "council-b" and "gave up after 2 attempts" in dead["reason"]
+        assert second.posts == ["TWO-1", "TWO-1"]
+        (row,) = homeward_json(process, "dead-letters", "list", "--config", str(config))
+        assert (row["target"], row["message_control_id"]) == ("council-b", "TWO-1")

@@ -17,6 +17,7 @@ import structlog
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fhir.resources.R4B.bundle import Bundle
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -262,6 +263,7 @@ class TestModes:
         focus = header["focus"][0]["reference"]
         assert next(e for e in first["entry"] if e["fullUrl"] == focus)["resource"]["resourceType"] == "ServiceRequest"
         assert all("request" not in e for e in first["entry"])
+        Bundle.model_validate(first)  # a valid R4 message Bundle
 
 
 class TestTransport:
