@@ -14,6 +14,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY adapter ./adapter
 COPY mappings ./mappings
+COPY conformance ./conformance
 RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 --home-dir /data homeward \
  && mkdir -p /data && chown homeward /data

@@ -18,8 +18,10 @@ from adapter.audit import cli as audit_cli
 from adapter.config import Settings, env_names
 from adapter.errors import AdapterError, ConfigError, InboundError
 
-# The conformance artefacts of this checkout (profiles, terminology); --conformance points elsewhere.
-CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
+# The conformance artefacts (profiles, terminology): next to the package in a checkout, else ./conformance
+# (the Docker image's working directory holds a copy); --conformance points elsewhere.
+_CHECKOUT_CONFORMANCE = Path(__file__).resolve().parent.parent / "conformance"
+CONFORMANCE_DIR = _CHECKOUT_CONFORMANCE if _CHECKOUT_CONFORMANCE.is_dir() else Path("conformance")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

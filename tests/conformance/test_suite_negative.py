@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -42,9 +43,12 @@ def outcome(text: str, expression: str, code: str = "processing") -> dict[str, A
 
 
 def run_cli(server: HTTPServer, tmp_path: Path) -> tuple[int, str, dict[str, dict[str, Any]]]:
-    report = tmp_path / "report.json"
+    report, junit = tmp_path / "report.json", tmp_path / "junit.xml"
     result = subprocess.run(
-        [sys.executable, "-m", "adapter", "conformance", "--server", server.url_for("/fhir"), "--json", str(report)],
+        [
+            *(sys.executable, "-m", "adapter", "conformance", "--server", server.url_for("/fhir")),
+            *("--json", str(report), "--junit", str(junit)),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -63,6 +67,10 @@ def test_server_without_transactions(httpserver: HTTPServer, tmp_path: Path) -> 
     assert code == 1
     assert stdout.rstrip().endswith("NOT CONFORMANT")
     assert "FAIL    metadata.transaction     required  transaction: not declared in rest.interaction" in stdout
+    # CI systems read the JUnit file: the same line is a <failure> there.
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    failure = suite.find(".//testcase[@name='metadata.transaction']/failure")
+    assert failure is not None and failure.get("message") == "transaction: not declared in rest.interaction"
     deliver = checks["lifecycle.A16.deliver"]
     assert deliver["status"] == "failed" and deliver["required"] is True
     assert (
