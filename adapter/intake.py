@@ -259,9 +259,18 @@ def _identify(record: InboundRecord, message: Hl7Message) -> InboundRecord:
     )
 
 
+# Their fullUrl is a uuid5 of the person's identifier (an NHS number has ~10^9 values, so it could be
+# brute-forced back): the audit records, which outlive retention, name only their type.
+_PERSON_TYPES = frozenset({"Patient", "RelatedPerson"})
+
+
 def _entry_ids(bundle: dict[str, Any]) -> list[str]:
-    """'Type fullUrl' of each mapped resource: ids, never the identifier values in request URLs."""
-    return [f"{e.get('resource', {}).get('resourceType', '')} {e.get('fullUrl', '')}" for e in bundle.get("entry", [])]
+    """'Type fullUrl' of each mapped resource (a person's resource: type only); never identifier values."""
+    ids = []
+    for entry in bundle.get("entry", []):
+        resource_type = entry.get("resource", {}).get("resourceType", "")
+        ids.append(resource_type if resource_type in _PERSON_TYPES else f"{resource_type} {entry.get('fullUrl', '')}")
+    return ids
 
 
 def _patient_key(bundle: dict[str, Any], keys: AuditKeys) -> str:

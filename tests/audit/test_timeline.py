@@ -89,7 +89,9 @@ def test_timelines(  # type: ignore[no-untyped-def]
     assert ok[1]["detail"]["target"] == "default"
     accepted = ok[2]["detail"]
     assert accepted["ack_code"] == "AA"
-    assert any(e.startswith("Patient urn:uuid:") for e in accepted["entries"])
+    # The Patient's fullUrl is derived from the NHS number, so only its type is recorded.
+    assert "Patient" in accepted["entries"]
+    assert any(e.startswith("Encounter urn:uuid:") for e in accepted["entries"])
     delivered = ok[3]["detail"]
     assert delivered["status"] == 200 and delivered["duration_ms"] > 0
     assert delivered["response"] == ["Patient/T-OK/_history/3"]
