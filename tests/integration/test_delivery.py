@@ -42,6 +42,7 @@ def adt(
         .replace("ADT^A03^ADT_A03", f"ADT^{event}^ADT_A03")
         .replace("EVN|A03|20261124102500", f"EVN|{event}|{evn}")
         .replace("9449305552", nhs_number(patient))
+        .replace("RRK123456", f"RRK{patient:06d}")  # one MRN per person, as at a hospital
         .replace("V0001234", visit)
     )
     return text.encode()
