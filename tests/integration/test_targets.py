@@ -268,6 +268,31 @@ class TestModes:
         assert encounter["subject"] == {"reference": "Patient/id1"}
         assert "urn:uuid:" not in json.dumps([body for _, body in puts])
 
+    def test_conditional_partial_failure_retries_the_whole_message(self, httpserver: HTTPServer) -> None:
+        """conditional: a 503 part-way fails the message as retryable; the retry sends every PUT again, in order."""
+        paths: list[str] = []
+        versions: dict[str, int] = {}
+
+        def handle(request: Request) -> Response:
+            body = json.loads(request.get_data())
+            paths.append(request.full_path)
+            if body["resourceType"] == "Encounter" and paths.count(request.full_path) == 1:
+                return Response("", 503)  # the server falls over after the Patient and Organization were written
+            versions[request.full_path] = versions.get(request.full_path, 0) + 1
+            rid = f"id{len(versions)}"
+            return Response(json.dumps({**body, "id": rid}), 200, content_type="application/fhir+json")
+
+        httpserver.expect_request(re.compile(r"/fhir/[A-Za-z]+(/.*)?"), method="PUT").respond_with_handler(handle)
+        with pytest.raises(RetryableDelivery):
+            deliver(fhir(httpserver, mode="conditional"), item(1))
+        first = list(paths)
+        assert first[-1].startswith("/fhir/Encounter?") and len(first) < len(json.loads(BUNDLE)["entry"])
+        (result,) = deliver(fhir(httpserver, mode="conditional"), item(1))
+        again = paths[len(first) :]
+        assert again[: len(first)] == first and len(again) == len(result["response"])  # from the start, in order
+        # Each PUT is conditional, so what the first try wrote is updated, never created twice.
+        assert sorted(versions) == sorted(set(again)) and max(versions.values()) == 2
+
     def test_message_mode_posts_a_message_bundle(self, httpserver: HTTPServer) -> None:
         bodies: list[dict[str, Any]] = []
 
