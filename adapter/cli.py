@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--server", help="the FHIR server's base URL")
     conf.add_argument("--target", help="take mode, headers, TLS and auth from this [[targets]] entry of --config")
     conf.add_argument(
-        "--mode", choices=["transaction", "batch", "conditional"], help="delivery mode (default: transaction)"
+        "--mode",
+        choices=["transaction", "batch", "conditional", "message"],
+        help="delivery mode (default: transaction)",
     )
     conf.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header")
     conf.add_argument("--token-url", help="OAuth2 client credentials: token endpoint")

@@ -446,6 +446,14 @@ def _requirements(mappings: MappingSet) -> dict[str, Any]:
                     {"extension": _expect("SHALL"), "code": "transaction"},
                     {"extension": _expect("MAY"), "code": "batch"},
                 ],
+                # Only for a site that sends FHIR messages (fhir.mode = "message"); the suite requires it then.
+                "operation": [
+                    {
+                        "extension": _expect("MAY"),
+                        "name": "process-message",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
+                    }
+                ],
             }
         ],
     }

@@ -234,6 +234,22 @@ class Suite:
                 if present
                 else f"{code}: not declared in rest.interaction" + ("" if needed else " (optional)"),
             )
+        offered_operations = {o.get("name") for o in rest.get("operation", [])}
+        for op in wanted.get("operation", []):
+            name = op["name"]
+            needed = name == "process-message" and self.target.mode == "message"
+            present = name in offered_operations
+            if not (needed or present):
+                continue  # only messaging sites need it: not a line in every other site's report
+            self.report.add(
+                f"metadata.{name}",
+                f"system operation ${name} ({'SHALL in message mode' if needed else _expectation(op)})",
+                required=needed,
+                status="passed" if present else "failed",
+                detail=f"${name}: declared"
+                if present
+                else f"${name}: not declared in rest.operation" + ("" if needed else " (optional)"),
+            )
         offered = {r.get("type"): r for r in rest.get("resource", [])}
         for resource in wanted.get("resource", []):
             have = offered.get(resource["type"], {})

@@ -156,3 +156,20 @@ def test_a_ukcore_claim_the_content_does_not_meet_fails_offline_and_on_the_serve
     assert check["detail"].startswith("Organization.identifier: "), check
     assert "odsOrganisationCode" in check["detail"]
     assert checks["validate.UKCore-Patient"]["status"] == "passed"  # the other claims still hold
+
+
+def test_message_mode_needs_process_message(fhir_server: FhirServer, tmp_path: Path) -> None:
+    """A site that sends FHIR messages needs $process-message: the test server has none, and each line says so."""
+    code, stdout, checks = _run(fhir_server.base_url, tmp_path, "--mode", "message")
+    assert code == 1
+    check = checks["metadata.process-message"]
+    assert (check["status"], check["required"]) == ("failed", True)
+    assert check["detail"] == "$process-message: not declared in rest.operation"
+    deliver = checks["lifecycle.A16.deliver"]
+    assert deliver["status"] == "failed" and deliver["detail"].startswith("HTTP 400 from conformance"), deliver
+    # What could not run for want of a delivery is skipped, and a skipped required check is not a pass.
+    assert (checks["replay.no-duplicates"]["status"], checks["replay.no-duplicates"]["required"]) == ("skipped", True)
+    assert stdout.rstrip().endswith("NOT CONFORMANT")
+    # In the other modes it is not needed, and a server without it gets no line for it.
+    _, _, default = _run(fhir_server.base_url, tmp_path)
+    assert "metadata.process-message" not in default and default["metadata.transaction"]["required"] is True
