@@ -192,7 +192,7 @@ class MappingSettings(_Section):
     # 1 ms a message). "datatypes": only the per-value checks the engine always makes (every value
     # from the feed against its FHIR datatype); the tests prove on every golden case and on generated
     # messages that such bundles pass full validation. See README "Design notes".
-    validation: Literal["full", "datatypes"] = "full"
+    validation: Literal["full", "datatypes"] = "datatypes"
 
 
 class Hl7Settings(_Section):
