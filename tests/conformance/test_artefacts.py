@@ -115,3 +115,12 @@ def test_real_server_validates_golden_resources_against_the_profiles(fhir_server
             i["severity"] == "error" and i.get("expression") == [f"{resource['resourceType']}.intent"]
             for i in outcome["issue"]
         )
+        # Both profiles fix a category (Homeward's code): a resource without it is refused by the server too.
+        params["parameter"][0]["resource"] = {k: v for k, v in resource.items() if k != "category"}
+        outcome = httpx.post(
+            f"{fhir_server.base_url}/{resource['resourceType']}/$validate", json=params, headers=headers
+        ).json()
+        assert any(
+            i["severity"] == "error" and f"{resource['resourceType']}.category" in " ".join(i.get("expression", []))
+            for i in outcome["issue"]
+        ), outcome

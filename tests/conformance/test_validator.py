@@ -75,6 +75,12 @@ def test_golden_service_request_is_valid(validator: Validator) -> None:
             "CarePlan.activity[0]: invariant cpl-3 not met",
         ),
         ("CarePlan", lambda r: r.update(intent="order"), "CarePlan.intent: must be exactly the profile's fixedCode"),
+        ("CarePlan", lambda r: r.pop("category"), "CarePlan.category: has 0 values, the profile needs at least 1"),
+        (
+            "CarePlan",
+            lambda r: r.update(category=[{"coding": [{"system": "http://snomed.info/sct", "code": "734163000"}]}]),
+            "CarePlan.category: slice homewardDischarge needs 1..1, found 0",
+        ),
         (
             "CarePlan",
             lambda r: r.update(activity=[{"detail": {"status": "not-started"}}]),
@@ -91,6 +97,8 @@ def test_golden_service_request_is_valid(validator: Validator) -> None:
         "cp-activity",
         "cp-cpl3",
         "cp-intent",
+        "cp-no-category",
+        "cp-other-category",
         "cp-hw-cp-1",
     ],
 )
