@@ -257,11 +257,30 @@ class Settings(_Section):
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+            _refuse_secrets(data, path)
         sources = _apply_environment(data, environ)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, sources, path)) from exc
+
+
+def _refuse_secrets(data: dict[str, Any], path: Path) -> None:
+    """Secrets come from variables or files: a TOML file lives in version control. The value is never echoed."""
+    audit = data.get("audit")
+    if isinstance(audit, dict) and "hmac_key" in audit:
+        raise ConfigError(
+            f"audit.hmac_key (in {path}): a secret may not be written in the settings file;"
+            " set HOMEWARD_AUDIT_HMAC_KEY or audit.hmac_key_file"
+        )
+    targets = data.get("targets")
+    for n, target in enumerate(targets if isinstance(targets, list) else []):
+        headers = target.get("headers") if isinstance(target, dict) else None
+        if isinstance(headers, dict) and any(str(k).lower() == "authorization" for k in headers):
+            raise ConfigError(
+                f"targets[{n}].headers.Authorization (in {path}): a secret may not be written in the settings"
+                " file; name a variable in headers_env, or use auth"
+            )
 
 
 # Short names the issue tracker and deployment guides use, beside the regular HOMEWARD_<SECTION>_<KEY>.

@@ -1,16 +1,18 @@
 """A stand-in for the council's FHIR server on pytest-httpserver: applies transactions, counts effects.
 
-It honours conditional updates the way a FHIR server does (`PUT Type?identifier=...` creates once,
-then updates), so a repeated delivery shows up as a second version, never as a second resource.
-`fail` scripts answers (503, 429 with Retry-After, 422 with an OperationOutcome) before a message
-is applied.
+It keeps resources the way a FHIR server does: `PUT Type?identifier=...` updates the one resource
+with that identifier or creates it, `PUT Type/id` writes that id, and a plain `POST Type` always
+creates. It counts, per identifier, how many resources were created carrying it (`creates`), so a
+repeated delivery shows up as a second version, and only a request that is not idempotent (a POST,
+or a conditional URL that changed between deliveries) as a second resource. `fail` scripts answers
+(503, 429 with Retry-After, 422 with an OperationOutcome) before a message is applied.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -45,8 +47,11 @@ class Council:
         self.lock = threading.Lock()
         self.posts: list[str] = []  # control id of every POST, answered or not
         self.applied: list[str] = []  # control id of every applied transaction, in order
-        self.versions: Counter[str] = Counter()  # conditional URL -> versions written
-        self.creates: Counter[str] = Counter()  # conditional URL -> times a new resource was created
+        self.versions: Counter[str] = Counter()  # "Type/id" -> versions written
+        # "Type|system|value" of each identifier (or "Type/id" without one) -> resources created carrying it
+        self.creates: Counter[str] = Counter()
+        self.resources: dict[str, dict[str, Any]] = {}  # "Type/id" -> the current resource
+        self.holders: defaultdict[str, set[str]] = defaultdict(set)  # "Type|system|value" -> "Type/id"s
         self.headers: list[dict[str, str]] = []
         # (control id, attempt number starting at 1) -> an answer instead of applying, or None
         self.fail: Callable[[str, int], Answer | None] = lambda control_id, attempt: None
@@ -63,13 +68,40 @@ class Council:
             if answer is not None:
                 status, headers, body = answer
                 return Response(json.dumps(body) if body else "", status, headers, content_type="application/fhir+json")
-            entries = []
-            for entry in bundle["entry"]:
-                url = entry["request"]["url"]
-                if self.versions[url] == 0:
-                    self.creates[url] += 1
-                self.versions[url] += 1
-                entries.append({"response": {"status": "200 OK", "location": f"{url}/_history/{self.versions[url]}"}})
+            entries = [{"response": self._write(entry)} for entry in bundle["entry"]]
             self.applied.append(control_id)
         body = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
         return Response(json.dumps(body), 200, content_type="application/fhir+json")
+
+    def _write(self, entry: dict[str, Any]) -> dict[str, str]:
+        """Apply one entry as a FHIR server would; the caller holds the lock."""
+        resource, method, url = entry["resource"], entry["request"]["method"], entry["request"]["url"]
+        resource_type, _, rest = url.partition("?") if "?" in url else url.partition("/")
+        if method == "PUT" and "?" in url:  # conditional update: the one match, or a new resource
+            token = rest.removeprefix("identifier=")
+            matches = self.holders[f"{resource_type}|{token}"]
+            if len(matches) > 1:
+                raise AssertionError(
+                    f"{len(matches)} {resource_type} resources match {token}: not a conditional update"
+                )
+            key = next(iter(matches)) if matches else f"{resource_type}/{len(self.resources) + 1}"
+        elif method == "PUT":
+            key = url
+        else:  # POST creates, whatever it holds
+            key = f"{resource_type}/{len(self.resources) + 1}"
+        created = key not in self.resources
+        for token in tokens(resource) or [key]:
+            if key not in self.holders[f"{resource_type}|{token}"]:
+                self.holders[f"{resource_type}|{token}"].add(key)
+                self.creates[f"{resource_type}|{token}"] += 1
+        self.resources[key] = resource
+        self.versions[key] += 1
+        return {"status": "201 Created" if created else "200 OK", "location": f"{key}/_history/{self.versions[key]}"}
+
+
+def tokens(resource: dict[str, Any]) -> list[str]:
+    """`system|value` of each identifier of a resource."""
+    identifiers = resource.get("identifier", [])
+    if isinstance(identifiers, dict):
+        identifiers = [identifiers]
+    return [f"{i.get('system', '')}|{i.get('value', '')}" for i in identifiers]

@@ -252,6 +252,7 @@ class PostgresStore:
             if inbound_id is None:
                 original = conn.execute("SELECT id FROM inbound WHERE dedup_key = %s", (record.dedup_key,)).fetchone()
                 dup_id = _insert_inbound(conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message")
+                _audit(conn, dup_id, None, "received", _received_detail(record))
                 _audit(
                     conn,
                     dup_id,

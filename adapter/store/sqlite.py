@@ -233,6 +233,7 @@ class SqliteStore:
                 inbound_id = _insert_inbound(
                     conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message", dedup=False
                 )
+                _audit(conn, inbound_id, None, "received", _received_detail(record))
                 _audit(conn, inbound_id, None, "duplicate", {"ack_code": "AA", "original_inbound_id": existing[0]})
                 return AcceptResult(inbound_id, True)
             inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True)

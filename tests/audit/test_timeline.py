@@ -173,3 +173,63 @@ def test_verify_beside_a_busy_server(serve, tmp_path: Path, monkeypatch: pytest.
         runs += 1
     sender.join()
     assert runs >= 3
+
+
+def test_timelines_of_the_other_outcomes(serve, httpserver: HTTPServer) -> None:  # type: ignore[no-untyped-def]
+    """A resend, a filtered and a refused frame, a stale event, and dead letters discarded or retried by a person."""
+    from tests.council import Council, outcome
+    from tests.integration.test_delivery import FAST_RETRY, adt, homeward_json, send, wait_until
+
+    council = Council(httpserver)
+    refusing = {"TL-DISCARD", "TL-FIXED"}
+    council.fail = lambda cid, attempt: (422, {}, outcome("no")) if cid in refusing else None
+    process = serve(HOMEWARD_FHIR_BASE_URL=council.url, **FAST_RETRY)
+    acks = send(
+        process.port,
+        adt("TL-DUP", patient=1, visit="VTL1"),
+        adt("TL-FILTER", event="A05", patient=2, visit="VTL2"),
+        adt("TL-REFUSED", patient=3, visit="VTL3").replace(b"ADT^A03^ADT_A03", b"ORM^O01^ORM_O01"),
+        adt("TL-NEW", patient=4, visit="VTL4", evn="20261124120000"),
+        adt("TL-OLD", patient=4, visit="VTL4", evn="20261124090000"),
+        adt("TL-DISCARD", patient=5, visit="VTL5"),
+        adt("TL-FIXED", patient=6, visit="VTL6"),
+    )
+    assert acks == ["AA", "AA", "AR", "AA", "AA", "AA", "AA"]
+
+    def show(control_id: str) -> list[dict]:  # type: ignore[type-arg]
+        return homeward_json(process, "audit", "show", control_id)  # type: ignore[no-any-return]
+
+    wait_for(lambda: show("TL-DUP")[-1]["stage"] == "delivered")
+    assert send(process.port, adt("TL-DUP", patient=1, visit="VTL1")) == ["AA"]  # the hospital resends it
+    process.wait_for_log("message.dead_lettered", count=2)
+    process.wait_for_log("message.stale")
+
+    dup = show("TL-DUP")
+    assert [r["stage"] for r in dup] == ["received", "queued", "accepted", "delivered", "received", "duplicate"]
+    assert dup[4]["inbound_id"] != dup[0]["inbound_id"] and dup[4]["detail"]["size"] == dup[0]["detail"]["size"]
+    assert dup[5]["detail"] == {"ack_code": "AA", "original_inbound_id": dup[0]["inbound_id"]}
+    assert [r["stage"] for r in show("TL-FILTER")] == ["received", "filtered"]
+    assert show("TL-FILTER")[1]["detail"]["ack_code"] == "AA"
+    refused = show("TL-REFUSED")
+    assert [r["stage"] for r in refused] == ["received", "refused"]
+    assert refused[1]["detail"]["ack_code"] == "AR" and refused[1]["detail"]["reason"].startswith("200")
+    stale = show("TL-OLD")
+    assert [r["stage"] for r in stale] == ["received", "queued", "accepted", "stale"]
+    assert stale[3]["detail"]["target"] == "default" and "older than" in stale[3]["detail"]["reason"]
+
+    by_id = {r["message_control_id"]: r["id"] for r in homeward_json(process, "dead-letters", "list")}
+    discard = ["dead-letters", "discard", str(by_id["TL-DISCARD"]), "--by", "on-call", "--reason", "test patient"]
+    assert homeward_json(process, *discard)["discarded"] == [by_id["TL-DISCARD"]]
+    discarded = show("TL-DISCARD")
+    assert [r["stage"] for r in discarded][-2:] == ["dead_lettered", "dead_letter_discarded"]
+    assert discarded[-1]["detail"] == {"actor": "on-call", "why": "test patient"}
+
+    refusing.discard("TL-FIXED")
+    homeward_json(process, "dead-letters", "retry", str(by_id["TL-FIXED"]), "--by", "on-call", "--reason", "fixed")
+    wait_until(lambda: "TL-FIXED" in council.applied, what="retried dead letter delivered")
+    fixed = wait_for(lambda: (s := show("TL-FIXED")) and s[-1]["stage"] == "delivered" and s)
+    assert [r["stage"] for r in fixed] == [
+        "received", "queued", "accepted", "dead_lettered", "dead_letter_retried", "delivered",
+    ]  # fmt: skip
+    assert fixed[4]["detail"] == {"actor": "on-call", "why": "fixed"}
+    assert fixed[5]["outbox_id"] == fixed[3]["outbox_id"]  # the same delivery, retried

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +44,7 @@ def adt(
         .replace("ADT^A03^ADT_A03", f"ADT^{event}^ADT_A03")
         .replace("EVN|A03|20261124102500", f"EVN|{event}|{evn}")
         .replace("9449305552", nhs_number(patient))
+        .replace("RRK123456", f"RRK{patient:06d}")  # one MRN per person, as at a hospital
         .replace("V0001234", visit)
     )
     return text.encode()
@@ -111,6 +114,17 @@ class TestRetries:
         after_429 = [line for line in retries if line["status"] == 429]
         assert after_429 and all(line["retry_in_seconds"] >= 1.0 for line in after_429)
         assert {line["status"] for line in retries} == {503, 429}
+
+    def test_retries_stop_by_age_before_attempts_run_out(self, serve, council: Council) -> None:  # type: ignore[no-untyped-def]
+        """With the server down, a row older than retry.max_age_seconds is dead-lettered though attempts remain."""
+        council.fail = lambda cid, attempt: (503, {}, None)
+        process = serve(HOMEWARD_FHIR_BASE_URL=council.url, HOMEWARD_RETRY_MAX_AGE_SECONDS="1", **FAST_RETRY)
+        assert send(process.port, adt("AGE-1")) == ["AA"]
+        (dead,) = process.wait_for_log("message.dead_lettered")
+        assert re.search(r"gave up after \d+ s undelivered", dead["reason"]) and dead["status"] == 503
+        assert 2 <= len(council.posts) < 10  # retried, then stopped by age, not by retry.max_attempts (10)
+        (row,) = homeward_json(process, "dead-letters", "list")
+        assert row["message_control_id"] == "AGE-1" and row["attempts"] == len(council.posts)
 
     def test_order_per_visit_holds_while_a03_is_retried(self, serve, council: Council, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         """A16, A03, A13 for one visit with the A03 failing twice: the server sees A16, A03, A13, and the A13 only after the A03."""
@@ -244,3 +258,36 @@ class TestTargets:
         assert second.posts == ["TWO-1", "TWO-1"]
         (row,) = homeward_json(process, "dead-letters", "list", "--config", str(config))
         assert (row["target"], row["message_control_id"]) == ("council-b", "TWO-1")
+
+    def test_each_target_has_its_own_auth(self, serve, httpserver: HTTPServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        """Two targets of one site: OAuth2 towards one, an API key towards the other; neither sees the other's secret."""
+        from tests.integration.test_targets import TokenEndpoint
+
+        basic = "Basic " + base64.b64encode(b"homeward-a:a-secret-7781").decode()
+        tokens = TokenEndpoint(httpserver, lambda request: request.headers.get("Authorization") == basic)
+        council_a, council_b = Council(httpserver, "/a"), Council(httpserver, "/b")
+        mappings = tmp_path / "mappings"
+        shutil.copytree(MAPPINGS, mappings)
+        site = (mappings / "site.yaml").read_text().replace("targets: [default]", "targets: [council-a, council-b]")
+        (mappings / "site.yaml").write_text(site)
+        config = tmp_path / "homeward.toml"
+        config.write_text(
+            f'[[targets]]\nname = "council-a"\nbase_url = "{council_a.url}"\n'
+            f'auth = {{ kind = "oauth2", token_url = "{tokens.url}", client_id = "homeward-a",'
+            ' client_secret_env = "COUNCIL_A_SECRET" }\n\n'
+            f'[[targets]]\nname = "council-b"\nbase_url = "{council_b.url}"\n'
+            'headers_env = { "X-Api-Key" = "COUNCIL_B_KEY" }\n'
+        )
+        process = serve(
+            "--config", str(config), HOMEWARD_MAPPINGS_DIR=str(mappings),
+            COUNCIL_A_SECRET="a-secret-7781", COUNCIL_B_KEY="b-key-5524",
+        )  # fmt: skip
+        assert send(process.port, adt("AUTH-1"), adt("AUTH-2", patient=2, visit="V2")) == ["AA", "AA"]
+        wait_until(lambda: len(council_a.applied) == len(council_b.applied) == 2, what="both targets delivered")
+        assert tokens.issued == ["tok-1"]  # one token, cached, for council-a only
+        assert {h.get("Authorization") for h in council_a.headers} == {"Bearer tok-1"}
+        assert not any("X-Api-Key" in h for h in council_a.headers)
+        assert {h.get("X-Api-Key") for h in council_b.headers} == {"b-key-5524"}
+        assert not any("Authorization" in h for h in council_b.headers)
+        log = process.log_path.read_text()
+        assert not [s for s in ("a-secret-7781", "b-key-5524", "tok-1") if s in log]

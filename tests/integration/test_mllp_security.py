@@ -96,6 +96,9 @@ class TestAllowList:
         with MllpClient("127.0.0.1", process.port, timeout=10) as client:
             ack = ack_fields(client.send(adt("NET-1")))
         assert ack["MSA"][1] == "AR" and "127.0.0.1 is not on mllp.allow_networks" in ack["ERR"][8]
+        (refused,) = process.wait_for_log("message.refused")  # never a silent drop: a line an operator sees
+        assert refused["peer"].startswith("127.0.0.1:") and refused["message_control_id"] == "NET-1"
+        assert refused["ack_code"] == "AR" and "allow_networks" in refused["reason"]
         allowed = serve(
             HOMEWARD_MLLP_ALLOW_NETWORKS="10.20.0.0/16,127.0.0.0/8", HOMEWARD_STORE=str(Path(process.tmp) / "b.sqlite3")
         )

@@ -107,31 +107,55 @@ class TestOAuth2:
         assert "s3cret-value" not in repr(logs) and "tok-1" not in repr(logs)
         assert [line["event"] for line in logs] == ["auth.token_fetched"]
 
-    def test_secret_from_file_and_expiry(self, httpserver: HTTPServer, tmp_path: Path) -> None:
-        """A token that would expire within the refresh margin is replaced before the next request."""
-        secret = tmp_path / "secret"
-        secret.write_text("s3cret-value\n")
-        tokens = TokenEndpoint(httpserver, basic_ok, expires_in=30)
+    @pytest.fixture(params=["client_secret", "private_key_jwt"])
+    def credentials(self, request: pytest.FixtureRequest, httpserver: HTTPServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+        """Both client auth methods, each from a file: (AuthSettings fields, token endpoint check, assertions seen)."""
+        token_url = httpserver.url_for("/token")
+        if request.param == "client_secret":
+            (tmp_path / "secret").write_text("s3cret-value\n")
+            return {"client_secret_file": tmp_path / "secret", "scope": "system/*.write"}, basic_ok, []
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (tmp_path / "jwt.pem").write_bytes(pem)
+        claims: list[dict[str, Any]] = []
+
+        def check(request: Request) -> bool:
+            assertion = request.form.get("client_assertion", "")
+            claims.append(jwt.decode(assertion, key.public_key(), algorithms=["RS384"], audience=token_url))
+            return "Authorization" not in request.headers
+
+        fields = {"client_auth": "private_key_jwt", "private_key_file": tmp_path / "jwt.pem", "key_id": "k1"}
+        return fields, check, claims
+
+    def test_expiry_renews_the_token(self, httpserver: HTTPServer, credentials) -> None:  # type: ignore[no-untyped-def]
+        """A token that would expire within the refresh margin is replaced before the next request (both methods)."""
+        fields, check, claims = credentials
+        tokens = TokenEndpoint(httpserver, check, expires_in=30)
         seen = self._fhir_accepting(httpserver, {"tok-1", "tok-2"})
         auth = AuthSettings(
-            kind="oauth2", token_url=tokens.url, client_id="homeward", scope="system/*.write",
-            client_secret_file=secret, refresh_margin_seconds=60,
-        )  # fmt: skip
+            kind="oauth2", token_url=tokens.url, client_id="homeward", refresh_margin_seconds=60, **fields
+        )
         deliver(fhir(httpserver, auth=auth), item(1), item(2))
         assert tokens.issued == ["tok-1", "tok-2"] and seen == ["Bearer tok-1", "Bearer tok-2"]
+        if fields.get("client_auth") == "private_key_jwt":  # a fresh assertion per fetch, never replayed
+            assert len(claims) == 2 and claims[0]["jti"] != claims[1]["jti"]
 
-    def test_401_refreshes_the_token_once(self, httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_401_refreshes_the_token_once(self, httpserver: HTTPServer, credentials) -> None:  # type: ignore[no-untyped-def]
         """A 401 with a cached token fetches a new one and repeats the request once; a second 401 is the server's answer."""
-        monkeypatch.setenv("COUNCIL_SECRET", "s3cret-value")
-        tokens = TokenEndpoint(httpserver, basic_ok)
+        fields, check, _ = credentials
+        tokens = TokenEndpoint(httpserver, check)
         seen = self._fhir_accepting(httpserver, {"tok-2"})  # tok-1 was revoked
-        auth = AuthSettings(
-            kind="oauth2", token_url=tokens.url, client_id="homeward", scope="system/*.write",
-            client_secret_env="COUNCIL_SECRET",
-        )  # fmt: skip
+        auth = AuthSettings(kind="oauth2", token_url=tokens.url, client_id="homeward", **fields)
         (result,) = deliver(fhir(httpserver, auth=auth), item(1))
         assert result["status"] == 200
         assert seen == ["Bearer tok-1", "Bearer tok-2"] and tokens.issued == ["tok-1", "tok-2"]
+        seen.clear()
+        # A fresh target gets tok-3, refused too; its one refresh (tok-4) is refused: that answer stands.
+        with pytest.raises(PermanentDelivery):
+            deliver(fhir(httpserver, auth=auth), item(2))
+        assert seen == ["Bearer tok-3", "Bearer tok-4"]
 
     def test_refused_client_is_retryable_with_the_oauth_error(
         self, httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch
@@ -243,6 +267,31 @@ class TestModes:
         encounter = next(body for _, body in puts if body["resourceType"] == "Encounter")
         assert encounter["subject"] == {"reference": "Patient/id1"}
         assert "urn:uuid:" not in json.dumps([body for _, body in puts])
+
+    def test_conditional_partial_failure_retries_the_whole_message(self, httpserver: HTTPServer) -> None:
+        """conditional: a 503 part-way fails the message as retryable; the retry sends every PUT again, in order."""
+        paths: list[str] = []
+        versions: dict[str, int] = {}
+
+        def handle(request: Request) -> Response:
+            body = json.loads(request.get_data())
+            paths.append(request.full_path)
+            if body["resourceType"] == "Encounter" and paths.count(request.full_path) == 1:
+                return Response("", 503)  # the server falls over after the Patient and Organization were written
+            versions[request.full_path] = versions.get(request.full_path, 0) + 1
+            rid = f"id{len(versions)}"
+            return Response(json.dumps({**body, "id": rid}), 200, content_type="application/fhir+json")
+
+        httpserver.expect_request(re.compile(r"/fhir/[A-Za-z]+(/.*)?"), method="PUT").respond_with_handler(handle)
+        with pytest.raises(RetryableDelivery):
+            deliver(fhir(httpserver, mode="conditional"), item(1))
+        first = list(paths)
+        assert first[-1].startswith("/fhir/Encounter?") and len(first) < len(json.loads(BUNDLE)["entry"])
+        (result,) = deliver(fhir(httpserver, mode="conditional"), item(1))
+        again = paths[len(first) :]
+        assert again[: len(first)] == first and len(again) == len(result["response"])  # from the start, in order
+        # Each PUT is conditional, so what the first try wrote is updated, never created twice.
+        assert sorted(versions) == sorted(set(again)) and max(versions.values()) == 2
 
     def test_message_mode_posts_a_message_bundle(self, httpserver: HTTPServer) -> None:
         bodies: list[dict[str, Any]] = []

@@ -70,7 +70,8 @@ class TestAccept:
             assert again.duplicate and again.outbox_ids == ()
             assert again.inbound_id != first.inbound_id
             assert not other_sender.duplicate
-            assert await stages(store, inbound_id=again.inbound_id) == ["duplicate"]
+            # A resend is a frame received like any other: its own received record (peer, size, hash).
+            assert await stages(store, inbound_id=again.inbound_id) == ["received", "duplicate"]
             assert len(await store.list_deliveries(state=DeliveryState.PENDING)) == 2
 
         run(body())

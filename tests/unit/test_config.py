@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,28 @@ class TestSettings:
         toml.write_text("[mllp]\nprot = 1\n")
         with pytest.raises(ConfigError, match=r"mllp\.prot .*h\.toml"):
             Settings.load(toml, environ={})
+
+    @pytest.mark.parametrize(
+        ("toml", "named"),
+        [
+            ('[audit]\nhmac_key = "sekrit-audit-key-0123456789"\n', "audit.hmac_key"),
+            (
+                '[[targets]]\nname = "b"\nbase_url = "https://b"\nheaders = { authorization = "Bearer sekrit" }\n',
+                "targets[0].headers.Authorization",
+            ),
+        ],
+    )
+    def test_secret_written_in_toml_is_refused(self, tmp_path: Path, toml: str, named: str) -> None:
+        """A secret written in the TOML file stops start-up, naming the key and where to put it, not the value."""
+        path = tmp_path / "h.toml"
+        path.write_text(toml)
+        with pytest.raises(ConfigError, match=re.escape(named)) as refused:
+            Settings.load(path, environ={})
+        assert "sekrit" not in str(refused.value)
+        # The same key from the environment or a file is the supported way.
+        if named == "audit.hmac_key":
+            env = {"HOMEWARD_AUDIT_HMAC_KEY": "sekrit-audit-key-0123456789"}
+            assert Settings.load(None, environ=env).audit.hmac_key.get_secret_value().startswith("sekrit")
 
     def test_example_file_loads_and_documents_every_key(self) -> None:
         """examples/homeward.toml loads, and every settings key appears in it."""
