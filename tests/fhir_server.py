@@ -8,6 +8,7 @@ with the reason, never a skip: the conformance suite is only proven against a se
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import time
@@ -57,7 +58,7 @@ def install() -> Path:
 class FhirServer:
     """One server process on 127.0.0.1, on a port of its choosing; empty (in-memory) at start."""
 
-    def __init__(self, log_path: Path, script: Path = SOURCE / "server.mjs"):
+    def __init__(self, log_path: Path, script: Path = SOURCE / "server.mjs", env: dict[str, str] | None = None):
         node = install()
         # ES modules resolve packages next to the script, so it runs from the cache's copy.
         shutil.copyfile(script, CACHE / script.name)
@@ -68,6 +69,7 @@ class FhirServer:
             cwd=CACHE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self.base_url = self._wait()
 

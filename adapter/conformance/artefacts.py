@@ -31,6 +31,8 @@ CARE_PLAN_PROFILE = f"{CANONICAL}/StructureDefinition/HomewardDischargeCarePlan"
 PROFILES = {"ServiceRequest": SERVICE_REQUEST_PROFILE, "CarePlan": CARE_PLAN_PROFILE}
 REQUIREMENTS_URL = f"{CANONICAL}/CapabilityStatement/homeward-target-requirements"
 TERMINOLOGY_FILE = "Bundle-homeward-terminology.json"
+# UK Core profiles claimed in meta.profile, with generated snapshots (for the offline validator)
+UKCORE_FOLDER = "ukcore"
 EXPECTATION = "http://hl7.org/fhir/StructureDefinition/capabilitystatement-expectation"
 # Code systems defined by national or international bodies; any other system in a mapping is the site's own.
 NATIONAL_PREFIXES = (
@@ -243,6 +245,20 @@ def _profile(
         "snapshot": {"element": elements},
         "differential": {"element": differential},
     }
+
+
+def _claimed_profiles(mappings: MappingSet, ukcore: Path, defs: Definitions) -> list[dict[str, Any]]:
+    """The UK Core profiles the mappings claim in meta.profile, each with a snapshot, so they can be checked."""
+    urls = sorted({rm.profile for mm in mappings.messages.values() for rm in mm.resources if rm.profile})
+    found = []
+    for url in urls:
+        uk = json.loads((ukcore / f"{url.rsplit('/', 1)[-1]}.json").read_text(encoding="utf-8"))
+        base = defs.structure(uk["type"])["snapshot"]["element"]
+        elements = snapshot(base, uk["differential"]["element"], defs)
+        # UK Core's own resource, unchanged but for the snapshot (it publishes differentials only).
+        sd = {k: v for k, v in uk.items() if k != "differential"}
+        found.append({**sd, "snapshot": {"element": elements}, "differential": uk["differential"]})
+    return found
 
 
 # -- terminology: the site tables' code systems ---------------------------------------------------
@@ -469,6 +485,9 @@ def build(
     ]
     for profile in profiles:
         files[f"StructureDefinition-{profile['id']}.json"] = profile
+    claimed = _claimed_profiles(mappings, ukcore_dir, defs)
+    for sd in claimed:
+        files[f"{UKCORE_FOLDER}/StructureDefinition-{sd['id']}.json"] = sd
     site = _site_codings(mappings)
     all_codings = [c for codings in site.values() for c in codings]
     terminology: list[dict[str, Any]] = []
@@ -482,7 +501,7 @@ def build(
     services = [c for key in service_elements for c in site.get(key, [])]
     own = _value_set(SERVICE_VALUE_SET, "Discharge services Homeward may request", services)
     terminology.append(own)
-    terminology += _required_expansions(profiles, defs, {SERVICE_VALUE_SET})
+    terminology += _required_expansions(profiles + claimed, defs, {SERVICE_VALUE_SET})
     files[TERMINOLOGY_FILE] = {
         "resourceType": "Bundle",
         "id": "homeward-terminology",

@@ -23,7 +23,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import orjson
 
-from adapter.conformance.artefacts import EXPECTATION, PROFILES
+from adapter.auth import OAuth2ClientCredentials
+from adapter.conformance.artefacts import EXPECTATION, PROFILES, UKCORE_FOLDER
 from adapter.conformance.report import Report
 from adapter.errors import DeliveryError, InboundError
 from adapter.hl7.parse import parse
@@ -112,6 +113,8 @@ class Suite:
 
     async def run(self) -> Report:
         self.report.facts.update(test_patient_mrn=f"{TEST_FACILITY}-{self.run_id}", mode=self.target.mode)
+        if not await self._authorised():
+            return self.report
         await self._timed(self.metadata)
         for event in LIFE_CYCLE:
             await self._timed(self.step, event, "lifecycle")
@@ -125,10 +128,43 @@ class Suite:
     async def _timed(self, fn: Any, *args: Any) -> None:
         before = len(self.report.checks)
         started = time.perf_counter()
-        await fn(*args)
+        try:
+            await fn(*args)
+        except (httpx.HTTPError, DeliveryError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # A server that answers what a FHIR server would not (HTML, a wrong shape, a dropped connection)
+            # fails the stage with a line saying so; the run goes on and the reports are still written.
+            stage = getattr(fn, "__name__", "stage") + (f".{args[0]}" if args else "")
+            self.report.add(
+                f"{stage}.error",
+                f"{stage} completed",
+                status="failed",
+                detail=f"{stage} stopped: {type(exc).__name__} (the server's answer was not what FHIR R4 specifies)",
+            )
         new = self.report.checks[before:]
         for check in new:
             check.seconds = (time.perf_counter() - started) / max(len(new), 1)
+
+    # -- OAuth2 ---------------------------------------------------------------------------------------
+
+    async def _authorised(self) -> bool:
+        """With OAuth2 configured, a token from the token endpoint first: without one nothing else can run."""
+        auth = self.client.auth
+        if not isinstance(auth, OAuth2ClientCredentials):
+            return True
+        title = "OAuth2 client credentials: access token from the token endpoint"
+        self.report.facts["auth"] = "oauth2"
+        try:
+            await auth.token()
+        except DeliveryError as exc:
+            self.report.add(
+                "auth.token",
+                title,
+                status="failed",
+                detail=f"{auth.settings.token_url}: {exc.reason}; nothing else run",
+            )
+            return False
+        self.report.add("auth.token", title, detail="access token received (client_credentials)")
+        return True
 
     # -- /metadata --------------------------------------------------------------------------------
 
@@ -171,6 +207,8 @@ class Suite:
         )
         rest: dict[str, Any] = next((r for r in body.get("rest", []) if r.get("mode") == "server"), {})
         self.report.facts["server_software"] = body.get("software", {}).get("name", "")
+        self._formats(body)
+        self._security(rest)
         wanted = self.requirements["rest"][0]
         offered_system = {i.get("code") for i in rest.get("interaction", [])}
         for item in wanted.get("interaction", []):
@@ -208,6 +246,45 @@ class Suite:
                     status="failed",
                     detail=f"{rtype}: optional, not declared: {', '.join(optional)}",
                 )
+
+    def _formats(self, statement: dict[str, Any]) -> None:
+        """Homeward sends and reads FHIR JSON: the server must list it (R4 allows the mime type or plain `json`)."""
+        offered = {str(f).split(";")[0].strip() for f in statement.get("format", [])}
+        wanted = self.requirements.get("format", ["application/fhir+json"])
+        missing = [f for f in wanted if f not in offered and not (f.endswith("json") and "json" in offered)]
+        self.report.add(
+            "metadata.format",
+            f"format {', '.join(wanted)}",
+            status="failed" if missing else "passed",
+            detail=f"format: {', '.join(missing)} not in CapabilityStatement.format ({', '.join(sorted(offered)) or 'none'})"
+            if missing
+            else "format: FHIR JSON declared",
+        )
+
+    def _security(self, rest: dict[str, Any]) -> None:
+        """Where OAuth2 is configured, the server should say so in rest.security (SMART-on-FHIR or OAuth)."""
+        title = "rest.security declares OAuth2 (where configured)"
+        if not isinstance(self.client.auth, OAuth2ClientCredentials):
+            self.report.add(
+                "metadata.security",
+                title,
+                required=False,
+                status="skipped",
+                detail="no OAuth2 configured for this run (--token-url or a target's auth)",
+            )
+            return
+        security = rest.get("security", {})
+        codes = {c.get("code") for s in security.get("service", []) for c in s.get("coding", [])}
+        declared = bool(codes & {"OAuth", "SMART-on-FHIR"})
+        self.report.add(
+            "metadata.security",
+            title,
+            required=False,
+            status="passed" if declared else "failed",
+            detail=f"security: {', '.join(sorted(c for c in codes if c))} declared"
+            if declared
+            else "security: no OAuth or SMART-on-FHIR in rest.security.service (the token worked; the statement does not say so)",
+        )
 
     # -- the life cycle -----------------------------------------------------------------------------
 
@@ -418,8 +495,16 @@ class Suite:
     async def validate(self) -> None:
         if self.load_profiles:
             await self._load_profiles()
-        for rtype, profile in PROFILES.items():
-            check_id = f"validate.{rtype}"
+        # Homeward's own profiles (validate.<type>), then every profile the sent resources claim in
+        # meta.profile (validate.<profile name>, e.g. UK Core): a claim is only made where the content meets it.
+        checks = [(f"validate.{rtype}", rtype, profile) for rtype, profile in PROFILES.items()]
+        claimed: dict[str, str] = {}
+        for sent in self.sent:
+            for entry in sent.bundle["entry"]:
+                for url in entry["resource"].get("meta", {}).get("profile", []):
+                    claimed.setdefault(str(url), entry["resource"]["resourceType"])
+        checks += [(f"validate.{url.rsplit('/', 1)[-1]}", rtype, url) for url, rtype in sorted(claimed.items())]
+        for check_id, rtype, profile in checks:
             title = f"$validate {rtype} against {profile.rsplit('/', 1)[-1]}"
             refs = [ref for url, ref in self.found.items() if ref.startswith(f"{rtype}/")]
             if not refs:
@@ -441,7 +526,8 @@ class Suite:
                     title,
                     required=False,
                     status="skipped",
-                    detail="the server does not hold the profile (load conformance/StructureDefinition-*.json, or --load-profiles)",
+                    detail="the server does not hold the profile (load conformance/StructureDefinition-*.json and "
+                    "conformance/ukcore/, or --load-profiles)",
                 )
                 continue
             problems = []
@@ -576,4 +662,8 @@ def load_requirements(conformance_dir: Path) -> tuple[dict[str, Any], list[dict[
     folder = Path(conformance_dir)
     requirements = json.loads((folder / "CapabilityStatement-homeward-target-requirements.json").read_text("utf-8"))
     profiles = [json.loads(p.read_text("utf-8")) for p in sorted(folder.glob("StructureDefinition-*.json"))]
+    # The UK Core profiles Homeward claims, with snapshots (UK Core publishes differentials only).
+    profiles += [
+        json.loads(p.read_text("utf-8")) for p in sorted((folder / UKCORE_FOLDER).glob("StructureDefinition-*.json"))
+    ]
     return requirements, profiles

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adapter.conformance.artefacts import PROFILES, TERMINOLOGY_FILE
+from adapter.conformance.artefacts import PROFILES, TERMINOLOGY_FILE, UKCORE_FOLDER
 
 # On every element of every resource and checked by the R4B models already (or not expressible offline).
 _SKIPPED_INVARIANTS = frozenset({"ele-1", "ext-1", "dom-2", "dom-3", "dom-4", "dom-5", "dom-6"})
@@ -40,6 +40,10 @@ class Validator:
         folder = Path(conformance_dir)
         self.profiles: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.glob("StructureDefinition-*.json")):
+            sd = json.loads(path.read_text(encoding="utf-8"))
+            self.profiles[sd["url"]] = sd
+        # The UK Core profiles Homeward claims, with snapshots: a claim is checked like Homeward's own profiles.
+        for path in sorted((folder / UKCORE_FOLDER).glob("StructureDefinition-*.json")):
             sd = json.loads(path.read_text(encoding="utf-8"))
             self.profiles[sd["url"]] = sd
         if not self.profiles:
@@ -80,8 +84,9 @@ class Validator:
         return issues
 
     def profiles_for(self, resource: dict[str, Any]) -> list[str]:
-        """The profiles a resource claims, and Homeward's own profile for its type (Homeward claims it for all it sends)."""
-        claimed = [p for p in resource.get("meta", {}).get("profile", []) if p in self.profiles]
+        """Every profile a resource claims in meta.profile, and Homeward's own profile for its type (it sends no other)."""
+        meta = resource.get("meta")
+        claimed = [str(p) for p in (meta.get("profile", []) if isinstance(meta, dict) else [])]
         own = PROFILES.get(str(resource.get("resourceType")))
         return claimed + ([own] if own and own not in claimed else [])
 
@@ -236,16 +241,38 @@ class _ProfileCheck:
         parent_path, name = element["path"].rsplit(".", 1)
         low, high = int(element.get("min", 0)), element.get("max", "*")
         rules = [e for e in self.elements if e["id"].startswith(element["id"] + ".")]
+        # The slice's own children (not those of a slice inside it): their cardinality in each member.
+        children = [
+            r
+            for r in rules
+            if "." not in r["id"][len(element["id"]) + 1 :] and ":" not in r["id"][len(element["id"]) + 1 :]
+        ]
         for parent, loc in self.nodes(parent_path):
             if not isinstance(parent, dict):
                 continue
             items = parent.get(name, [])
-            members = [i for i in (items if isinstance(items, list) else [items]) if _in_slice(element, rules, i)]
+            listed = items if isinstance(items, list) else [items]
+            members = [(i, item) for i, item in enumerate(listed) if _in_slice(element, rules, item)]
             where = f"{loc}.{name}"
             if len(members) < low:
                 self._add(where, f"slice {element['sliceName']} needs {low}..{high}, found {len(members)}")
             if high != "*" and len(members) > int(high):
                 self._add(where, f"slice {element['sliceName']} allows at most {high}, found {len(members)}")
+            for i, item in members:
+                for rule in children:
+                    child = rule["path"].rsplit(".", 1)[-1]
+                    count = sum(len(v) if isinstance(v, list) else 1 for _, v in _children(item, child))
+                    member = f"{where}[{i}]" if isinstance(items, list) else where
+                    if count < int(rule.get("min", 0)):
+                        self._add(
+                            f"{member}.{child}",
+                            f"has {count} values, slice {element['sliceName']} needs at least {rule['min']}",
+                        )
+                    if rule.get("max", "*") != "*" and count > int(rule["max"]):
+                        self._add(
+                            f"{member}.{child}",
+                            f"has {count} values, slice {element['sliceName']} allows at most {rule['max']}",
+                        )
         del sliced_id
 
     def _add(self, path: str, message: str, severity: str = "error") -> None:

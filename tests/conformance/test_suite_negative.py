@@ -144,3 +144,34 @@ def test_validate_rejecting_the_profile(httpserver: HTTPServer) -> None:
     assert (check.status, check.required) == ("failed", True)
     assert check.detail == "ServiceRequest.category: Slice 'homewardDischarge': expected 1..1, found 0"
     assert not suite.report.ok
+
+
+def test_server_without_json(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """A server that lists only XML cannot take what Homeward sends: a required failing line naming the formats."""
+    cs = statement()
+    cs["format"] = ["application/fhir+xml", "xml"]
+    httpserver.expect_request("/fhir/metadata").respond_with_json(cs)
+    code, stdout, checks = run_cli(httpserver, tmp_path)
+    assert code == 1
+    assert checks["metadata.format"] == {
+        **checks["metadata.format"],
+        "status": "failed",
+        "required": True,
+        "detail": "format: application/fhir+json not in CapabilityStatement.format (application/fhir+xml, xml)",
+    }
+    assert "FAIL    metadata.format" in stdout
+
+
+def test_a_malformed_answer_fails_its_stage_and_the_run_goes_on(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """A CapabilityStatement of the wrong shape: one failing line for the stage, then the other stages and the reports."""
+    cs = statement()
+    cs["rest"][0]["resource"] = "not a list of resources"
+    httpserver.expect_request("/fhir/metadata").respond_with_json(cs)
+    code, stdout, checks = run_cli(httpserver, tmp_path)
+    assert code == 1
+    assert checks["metadata.error"]["status"] == "failed"
+    assert checks["metadata.error"]["detail"] == (
+        "metadata stopped: AttributeError (the server's answer was not what FHIR R4 specifies)"
+    )
+    assert "lifecycle.A16.deliver" in checks and "cleanup" in checks  # the run went on
+    assert "Traceback" not in stdout

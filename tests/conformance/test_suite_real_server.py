@@ -113,3 +113,36 @@ def test_an_event_the_site_does_not_map_is_a_mapping_gap(fhir_server: FhirServer
     assert checks["lifecycle.A13.deliver"]["status"] == "skipped"
     assert checks["lifecycle.A03.readback"]["status"] == "passed"  # the rest still runs
     assert "FAIL    lifecycle.A13.map" in stdout
+
+
+def test_a_ukcore_claim_the_content_does_not_meet_fails_offline_and_on_the_server(
+    fhir_server: FhirServer, tmp_path: Path
+) -> None:
+    """A site rule that gives the hospital a second ODS organisation code breaks the UK Core Organization it claims:
+    `homeward validate` names the slice offline, and the suite's $validate against the claimed profile fails."""
+    mappings = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", mappings)
+    with open(mappings / "segments" / "MSH-Organization.yaml", "a") as fh:
+        fh.write('  - element: "identifier[+]"\n')
+        fh.write('    value: {system: "https://fhir.nhs.uk/Id/ods-organization-code", value: RXX}\n')
+    env = {"HOMEWARD_MAPPINGS_DIR": str(mappings)}
+    offline = subprocess.run(
+        [sys.executable, "-m", "adapter", "validate", "--from-hl7", str(ROOT / "tests/golden/ADT_A16/basic.hl7")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert offline.returncode == 1
+    assert (
+        "Bundle.entry[1].resource.identifier: error: slice odsOrganisationCode allows at most 1, found 2 [UKCoreOrganization]"
+        in offline.stdout
+    ), offline.stdout
+    code, stdout, checks = _run(fhir_server.base_url, tmp_path, "--load-profiles", env=env)
+    assert "FAIL    validate.UKCore-Organization" in stdout
+    assert code == 1
+    check = checks["validate.UKCore-Organization"]
+    assert (check["status"], check["required"]) == ("failed", True)
+    assert check["detail"].startswith("Organization.identifier: "), check
+    assert "odsOrganisationCode" in check["detail"]
+    assert checks["validate.UKCore-Patient"]["status"] == "passed"  # the other claims still hold

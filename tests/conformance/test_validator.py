@@ -142,3 +142,75 @@ def test_cli_reports_invalid_file_without_values(tmp_path: Path) -> None:
         in result.stdout
     )
     assert "V0001234" not in result.stdout  # never the values: they may be patient data
+
+
+# -- UK Core claims: every profile in meta.profile is checked, not only Homeward's own ----------------
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+ODS = "https://fhir.nhs.uk/Id/ods-organization-code"
+
+
+def _with_nhs_number(patient: dict[str, Any]) -> dict[str, Any]:
+    patient["identifier"] = [i for i in patient.get("identifier", []) if i.get("system") != NHS]
+    patient["identifier"].append({"system": NHS, "value": "9449305552"})
+    return patient
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "expected"),
+    [
+        (
+            "Patient",
+            lambda r: _with_nhs_number(r)["identifier"].append({"system": NHS, "value": "9449310394"}),
+            "Patient.identifier: slice nhsNumber allows at most 1, found 2 [UKCorePatient]",
+        ),
+        (
+            "Patient",
+            lambda r: _with_nhs_number(r)["identifier"][-1].pop("value"),
+            "Patient.identifier[{last}].value: has 0 values, slice nhsNumber needs at least 1 [UKCorePatient]",
+        ),
+        (
+            "Organization",
+            lambda r: r["identifier"].append({"system": ODS, "value": "RXX"}),
+            "Organization.identifier: slice odsOrganisationCode allows at most 1, found 2 [UKCoreOrganization]",
+        ),
+        (
+            "Encounter",
+            lambda r: r.update(status="discharged"),
+            "Encounter.status: code is not in the required value set http://hl7.org/fhir/ValueSet/encounter-status [UKCoreEncounter]",
+        ),
+    ],
+    ids=[
+        "patient-two-nhs-numbers",
+        "patient-nhs-number-without-value",
+        "organization-two-ods-codes",
+        "encounter-status",
+    ],
+)
+def test_claimed_ukcore_profile_is_checked(validator: Validator, kind: str, change: Any, expected: str) -> None:
+    """A resource that claims a UK Core profile in meta.profile but does not meet it is an error naming that profile."""
+    resource = _resource(kind)
+    assert any("UKCore" in p for p in resource["meta"]["profile"])
+    assert [str(i) for i in validator.validate(resource) if i.severity == "error"] == []
+    change(resource)
+    last = len(resource.get("identifier", [])) - 1
+    found = [str(i) for i in validator.validate(resource)]
+    assert expected.format(last=last) in [f.replace(": error: ", ": ") for f in found], found
+
+
+def test_without_the_claim_the_ukcore_rules_do_not_apply(validator: Validator) -> None:
+    """The check follows the claim: the same content without meta.profile is not held to UK Core."""
+    resource = _resource("Organization")
+    resource["identifier"].append({"system": ODS, "value": "RXX"})
+    assert [str(i) for i in validator.validate(resource) if i.severity == "error"] != []
+    resource.pop("meta")
+    assert [str(i) for i in validator.validate(resource) if i.severity == "error"] == []
+
+
+def test_a_claimed_profile_not_held_here_is_reported_not_passed(validator: Validator) -> None:
+    resource = _resource("Organization")
+    resource["meta"]["profile"].append("https://example.org/StructureDefinition/SomeoneElsesOrganization")
+    warnings = [str(i) for i in validator.validate(resource) if i.severity == "warning"]
+    assert warnings == [
+        "Organization: warning: profile https://example.org/StructureDefinition/SomeoneElsesOrganization is not known here; not checked [profile]"
+    ]

@@ -3,6 +3,8 @@
 // update, search, read, delete, validation) is Medplum's; this file only carries HTTP to and
 // from FhirRouter.handleRequest, and answers /metadata from the routes the router registers.
 // Usage: node server.mjs [port]  (0 = any free port; prints "listening <port>" when ready)
+// With BEARER_TOKEN set, every request but GET /metadata needs "Authorization: Bearer <token>"
+// (401 otherwise), and /metadata declares OAuth with TOKEN_URL, as a SMART backend-services server does.
 import http from 'node:http';
 import {
   ContentType,
@@ -25,6 +27,9 @@ indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
 for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
   indexSearchParameterBundle(readJson(file));
 }
+
+const bearerToken = process.env.BEARER_TOKEN ?? '';
+const tokenUrl = process.env.TOKEN_URL ?? '';
 
 const router = new FhirRouter();
 const repo = new MemoryRepository();
@@ -90,6 +95,7 @@ function capabilityStatement() {
     rest: [
       {
         mode: 'server',
+        ...(bearerToken ? { security: securityStatement() } : {}),
         interaction: [...new Set(system)].map((code) => ({ code })),
         resource: getResourceTypes().map((type) => ({
           type,
@@ -102,6 +108,23 @@ function capabilityStatement() {
         })),
       },
     ],
+  };
+}
+
+function securityStatement() {
+  return {
+    extension: [
+      {
+        url: 'http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris',
+        extension: [{ url: 'token', valueUri: tokenUrl }],
+      },
+    ],
+    service: [
+      {
+        coding: [{ system: 'http://terminology.hl7.org/CodeSystem/restful-security-service', code: 'SMART-on-FHIR' }],
+      },
+    ],
+    description: 'OAuth2 client credentials (bearer token)',
   };
 }
 
@@ -126,6 +149,13 @@ async function handle(req, res) {
   const url = req.url.replace(/^\/+/, '');
   if (req.method === 'GET' && url.split('?')[0] === 'metadata') {
     return send(res, 200, capabilityStatement());
+  }
+  if (bearerToken && req.headers.authorization !== `Bearer ${bearerToken}`) {
+    const outcome = {
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'login', details: { text: 'Bearer token required' } }],
+    };
+    return send(res, 401, outcome, { 'WWW-Authenticate': 'Bearer' });
   }
   const fhirRequest = { method: req.method, url, pathname: '', query: {}, params: {}, body, headers: req.headers };
   let outcome;
