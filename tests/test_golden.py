@@ -10,6 +10,7 @@ files; read the diff before committing it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,11 +22,13 @@ from fhirpathpy import evaluate
 from adapter.errors import InboundError
 from adapter.hl7.parse import parse
 from adapter.mapping.engine import map_message
+from adapter.mapping.functions import nhs_number_is_valid
 from adapter.mapping.loader import load_mappings
 from tests.conftest import GOLDEN, MAPPINGS
 
 CASES = sorted(GOLDEN.glob("*/*.hl7"))
 TZ = ZoneInfo("Europe/London")
+UKCORE = "https://fhir.hl7.org.uk/StructureDefinition/"
 
 # Invariants every bundle must meet, beyond what the R4B models check (FHIRPath, R4 spec wording).
 INVARIANTS = {
@@ -55,6 +58,36 @@ INVARIANTS = {
     ),
     "every resource that claims a profile claims a UK Core one": (
         "Bundle.entry.resource.meta.profile.all($this.startsWith('https://fhir.hl7.org.uk/StructureDefinition/UKCore-'))"
+    ),
+    # What the UK Core profiles Homeward claims constrain beyond R4 (their differentials; UK Core 2.x, see README).
+    "UKCore-Patient: at most one NHS number (identifier:nhsNumber 0..1), with a value": (
+        "Bundle.entry.resource.ofType(Patient).where(meta.profile contains '" + UKCORE + "UKCore-Patient')"
+        ".all(identifier.where(system = 'https://fhir.nhs.uk/Id/nhs-number').count() <= 1"
+        " and identifier.where(system = 'https://fhir.nhs.uk/Id/nhs-number').all(value.exists()))"
+    ),
+    "UKCore-Patient: the verification status is coded from UKCore-NHSNumberVerificationStatus, on the NHS number only": (
+        "Bundle.entry.resource.ofType(Patient).identifier.where(extension.url = '"
+        + UKCORE
+        + "Extension-UKCore-NHSNumberVerificationStatus')"
+        ".all(system = 'https://fhir.nhs.uk/Id/nhs-number' and extension.valueCodeableConcept.coding.all("
+        "system = 'https://fhir.hl7.org.uk/CodeSystem/UKCore-NHSNumberVerificationStatusEngland'"
+        " and (code = '01' or code = '02' or code = '03' or code = '04' or code = '05' or code = '06' or code = '07' or code = '08')))"
+    ),
+    "UKCore-Organization: at most one ODS organisation code, with a value": (
+        "Bundle.entry.resource.ofType(Organization).where(meta.profile contains '" + UKCORE + "UKCore-Organization')"
+        ".all(identifier.where(system = 'https://fhir.nhs.uk/Id/ods-organization-code').count() <= 1"
+        " and identifier.where(system = 'https://fhir.nhs.uk/Id/ods-organization-code').all(value.exists()))"
+    ),
+    "UKCore-RelatedPerson: coded relationships come from the systems of UKCore-PersonRelationshipType (extensible)": (
+        "Bundle.entry.resource.ofType(RelatedPerson).relationship.coding.all("
+        "system = 'http://terminology.hl7.org/CodeSystem/v3-RoleCode'"
+        " or system = 'http://terminology.hl7.org/CodeSystem/v2-0131'"
+        " or system = 'https://fhir.hl7.org.uk/CodeSystem/UKCore-AdditionalPersonRelationshipRole')"
+    ),
+    "UKCore-Encounter: a coded dischargeDisposition is from UKCore-DischargeDestination": (
+        "Bundle.entry.resource.ofType(Encounter).hospitalization.dischargeDisposition.coding.all("
+        "system = 'https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationEngland'"
+        " or system = 'https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationWales')"
     ),
 }
 
@@ -131,4 +164,95 @@ def test_check_bundle_catches_a_dangling_reference() -> None:
     bundle = json.loads((GOLDEN / "ADT_A03" / "basic.bundle.json").read_text(encoding="utf-8"))
     bundle["entry"][2]["resource"]["subject"]["reference"] = "urn:uuid:00000000-0000-0000-0000-000000000000"
     with pytest.raises(AssertionError, match="resolve to no entry"):
+        check_bundle(bundle)
+
+
+# -- what the golden set must cover (issue 3): a deleted or rewritten case must not quietly drop a requirement --
+
+VERSIONS = {"2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"}
+REPEATING_PID_FIELDS = (3, 5, 11, 13)
+
+
+def _segments(path: Path) -> list[list[str]]:
+    text = path.read_bytes().decode("utf-8").replace("\r\n", "\r").replace("\n", "\r")
+    return [line.split("|") for line in text.split("\r") if line]
+
+
+def test_the_golden_set_covers_what_the_issue_asks() -> None:
+    """At least 40 cases: every mapped event, each v2 version 2.3-2.8, CR / LF / CRLF, escapes, Z-segments, repeats, ..."""
+    assert len(CASES) >= 40
+    mapped_events = {p.stem for p in (MAPPINGS / "messages").glob("ADT_*.yaml")}
+    assert {p.parent.name for p in CASES} >= mapped_events
+    segments = {p: _segments(p) for p in CASES}
+    assert {segs[0][11] for segs in segments.values()} >= VERSIONS
+    raw = {p: p.read_bytes() for p in CASES}
+    assert any(b"\r\n" in data for data in raw.values()), "a CRLF case"
+    assert any(b"\r" not in data for data in raw.values()), "an LF case"
+    assert any(b"\r" in data and b"\n" not in data for data in raw.values()), "a CR case"
+    assert any(re.search(rb"\\[FSTRE]\\|\\\.br\\", data) for data in raw.values()), "escape sequences"
+    assert any(seg[0].startswith("Z") for segs in segments.values() for seg in segs), "a Z-segment"
+    assert any(
+        "~" in seg[n] for segs in segments.values() for seg in segs if seg[0] == "PID" for n in REPEATING_PID_FIELDS
+    ), "repeating PID fields"
+    assert any(sum(seg[0] == "NK1" for seg in segs) > 1 for segs in segments.values()), "repeating segments"
+    assert any(
+        not {"EVN", "PD1", "NK1", "PV2"} & {seg[0] for seg in segs}
+        for p, segs in segments.items()
+        if p.with_suffix(".bundle.json").exists()
+    ), "a mapped case without the optional segments"
+    nhs_numbers = [
+        rep.split("^")[0]
+        for segs in segments.values()
+        for seg in segs
+        if seg[0] == "PID"
+        for rep in seg[3].split("~")
+        if rep.split("^")[4:5] == ["NH"]
+    ]
+    assert any(not nhs_number_is_valid(n) for n in nhs_numbers), "a bad NHS number"
+    councils = {
+        json.dumps(performer, sort_keys=True)
+        for p in CASES
+        if p.with_suffix(".bundle.json").exists()
+        for entry in json.loads(p.with_suffix(".bundle.json").read_text(encoding="utf-8"))["entry"]
+        if entry["resource"]["resourceType"] == "ServiceRequest"
+        for performer in entry["resource"].get("performer", [])
+    }
+    assert len(councils) >= 2, "two councils"
+    assert all((GOLDEN / event / "cycle.hl7").exists() for event in ("ADT_A16", "ADT_A03", "ADT_A13")), "the life cycle"
+    refusals = {
+        p.with_suffix(".error.txt").read_text(encoding="utf-8").split()[-1]
+        for p in CASES
+        if p.with_suffix(".error.txt").exists()
+    }
+    assert {"PV1", "PID-3"} <= refusals, "an A03 with no PV1 and one with no patient identifier are refused"
+
+
+def _patient(bundle: dict[str, Any]) -> dict[str, Any]:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+
+
+@pytest.mark.parametrize(
+    ("change", "invariant"),
+    [
+        (lambda b: _patient(b)["identifier"].append(dict(_patient(b)["identifier"][0])), "at most one NHS number"),
+        (
+            lambda b: _patient(b)["identifier"][0]["extension"][0]["valueCodeableConcept"]["coding"][0].update(
+                code="09"
+            ),
+            "verification status is coded",
+        ),
+        (
+            lambda b: next(e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "Encounter")[
+                "hospitalization"
+            ]["dischargeDisposition"]["coding"][0].update(system="http://example.org/local"),
+            "dischargeDisposition is from UKCore-DischargeDestination",
+        ),
+    ],
+    ids=["two-nhs-numbers", "verification-code", "disposition-system"],
+)
+def test_check_bundle_catches_a_ukcore_breach(change: Any, invariant: str) -> None:
+    """The UK Core invariants fail a bundle that breaks what the claimed profile constrains."""
+    bundle = json.loads((GOLDEN / "ADT_A03" / "v26_full.bundle.json").read_text(encoding="utf-8"))
+    change(bundle)
+    with pytest.raises(AssertionError, match=invariant):
         check_bundle(bundle)

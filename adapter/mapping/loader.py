@@ -76,16 +76,23 @@ def _vocabulary(path: Path) -> Vocabulary:
     where = str(path)
     system = need(data, "system", str, where)
     raw_codes = need(data, "map", dict, where)
+    confirmed = _flag(data, "national_code_confirmed", where)
     codes: dict[str, dict[str, str]] = {}
+    unconfirmed: set[str] = set()
     for v2_code, target in raw_codes.items():
         if isinstance(target, str):
             target = {"code": target}
         if not isinstance(target, dict) or "code" not in target:
             raise ConfigError(f"{where}: map.{v2_code}: expected a code or {{code, display}}")
-        extra = set(target) - {"code", "display", "system"}
+        extra = set(target) - {"code", "display", "system", "national_code_confirmed"}
         if extra:
-            raise ConfigError(f"{where}: map.{v2_code}: unknown key(s) {sorted(extra)} (code, display, system)")
-        codes[str(v2_code)] = {str(k): str(v) for k, v in target.items()}
+            raise ConfigError(
+                f"{where}: map.{v2_code}: unknown key(s) {sorted(extra)} (code, display, system, national_code_confirmed)"
+            )
+        # An entry may say its code is local (e.g. carer breakdown in a SNOMED CT table); it is not part of the coding.
+        if not _flag(target, "national_code_confirmed", f"{where}: map.{v2_code}", confirmed):
+            unconfirmed.add(str(v2_code))
+        codes[str(v2_code)] = {str(k): str(v) for k, v in target.items() if k != "national_code_confirmed"}
     unmapped = data.get("unmapped", "error")
     if unmapped not in ("error", "default", "omit", "text"):
         raise ConfigError(f"{where}: unmapped: expected error | default | omit | text")
@@ -98,8 +105,16 @@ def _vocabulary(path: Path) -> Vocabulary:
         codes,
         None if default is None else str(default),
         unmapped,
-        bool(data.get("national_code_confirmed", True)),
+        confirmed,
+        frozenset(unconfirmed),
     )
+
+
+def _flag(data: dict[str, Any], key: str, where: str, default: bool = True) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}: expected true or false")
+    return value
 
 
 def _datatype(path: Path, vocabularies: dict[str, Vocabulary], datatypes: dict[str, DatatypeMap]) -> DatatypeMap:

@@ -61,6 +61,8 @@ class Vocabulary:
     default: str | None = None
     unmapped: Literal["error", "default", "omit", "text"] = "error"
     national_code_confirmed: bool = True
+    # v2 codes whose FHIR code is in a local (Homeward) CodeSystem because no national code is confirmed.
+    unconfirmed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from adapter.mapping.loader import load_mappings
 from adapter.mapping.model import MappingSet
 from adapter.mapping.routing import postcode_district
 from adapter.store.sqlite import SqliteStore
-from tests.conftest import GOLDEN, MAPPINGS
+from tests.conftest import GOLDEN, MAPPINGS, ack_fields, golden_message
 
 TZ = ZoneInfo("Europe/London")
 
@@ -70,6 +71,28 @@ class TestLifeCycle:
         assert [s["occurrenceDateTime"] for s in referral] == ["2026-11-24", "2026-11-24T10:45:00+00:00", "2026-11-26"]
         assert "end" not in resources(cycle[2], "Encounter")[0]["resource"]["period"]
 
+    def test_cancel_discharge_puts_the_referral_back_to_its_pre_discharge_state(self, mappings: MappingSet) -> None:
+        """An A13 carrying what the A16 carried gives the A16's Patient, Encounter and referral exactly; only the plan is revoked."""
+        pending = map_case("ADT_A16/cycle", mappings)
+        text = (GOLDEN / "ADT_A13/cycle.hl7").read_text(encoding="utf-8")
+        # The same expected date (PV2-9) and event time (EVN-2, the referral's authoredOn) as the A16.
+        text = text.replace("|20261126", "|20261124").replace("EVN|A13|20261124155500", "EVN|A13|20261121085500")
+        cancelled = map_message(parse(text.encode()), mappings, TZ)
+        for rtype in ("Patient", "Encounter", "ServiceRequest"):
+            assert resources(cancelled, rtype) == resources(pending, rtype), rtype
+        plan = resources(cancelled, "CarePlan")[0]["resource"]
+        assert plan["status"] == "revoked" and "period" not in plan
+        assert {a["detail"]["status"] for a in plan["activity"] if "detail" in a} == {"cancelled"}
+
+    def test_cancel_transfer_returns_to_the_previous_location(self, mappings: MappingSet) -> None:
+        """A12: the Encounter is in progress at PV1-3 (where the patient stays), not PV1-6 (the cancelled move); referral and plan revoked."""
+        result = map_case("ADT_A12/cancel_transfer", mappings)
+        encounter = resources(result, "Encounter")[0]["resource"]
+        assert encounter["status"] == "in-progress"
+        assert [loc["location"]["display"] for loc in encounter["location"]] == ["WARD7"]
+        assert resources(result, "ServiceRequest")[0]["resource"]["status"] == "revoked"
+        assert resources(result, "CarePlan")[0]["resource"]["status"] == "revoked"
+
     def test_cancel_admit_withdraws_referral_and_plan(self, mappings: MappingSet) -> None:
         """A11 marks the Encounter entered-in-error and revokes the visit's referral and CarePlan."""
         result = map_case("ADT_A11/cancel_admit", mappings)
@@ -107,6 +130,33 @@ class TestContentRules:
         social = resources(map_case("ADT_A01/social_admission", mappings), "ServiceRequest")
         assert [s["resource"]["priority"] for s in social] == ["urgent"]
         assert resources(map_case("ADT_A01/medical_admission", mappings), "ServiceRequest") == []
+
+    def test_social_registration_makes_an_urgent_referral_too(self, mappings: MappingSet) -> None:
+        """A04 follows the same site rule as A01: a carer breakdown gives an urgent Home Stay referral, a plain registration none."""
+        (social,) = resources(map_case("ADT_A04/social_admission", mappings), "ServiceRequest")
+        assert social["resource"]["priority"] == "urgent"
+        assert "home-stay" in json.dumps(social["resource"]["orderDetail"])
+        assert resources(map_case("ADT_A04/registration", mappings), "ServiceRequest") == []
+
+    @pytest.mark.parametrize(
+        ("zone", "start", "end"),
+        [
+            ("Europe/London", "2026-11-20T08:30:00+00:00", "2026-11-24T10:15:00+00:00"),  # GMT
+            ("Asia/Kolkata", "2026-11-20T08:30:00+05:30", "2026-11-24T10:15:00+05:30"),
+            ("UTC", "2026-11-20T08:30:00+00:00", "2026-11-24T10:15:00+00:00"),
+        ],
+    )
+    def test_times_take_the_feeds_time_zone(self, mappings: MappingSet, zone: str, start: str, end: str) -> None:
+        """v2 times without an offset are read in the configured zone and written with seconds and that offset."""
+        message = parse((GOLDEN / "ADT_A03/basic.hl7").read_bytes())
+        result = map_message(message, mappings, ZoneInfo(zone))
+        assert resources(result, "Encounter")[0]["resource"]["period"] == {"start": start, "end": end}
+
+    def test_summer_time_and_winter_time_in_london(self, mappings: MappingSet) -> None:
+        """The default zone gives +01:00 in July (BST) and +00:00 in November (GMT), from the same wall-clock fields."""
+        summer = resources(map_case("ADT_A03/bst_offset", mappings), "Encounter")[0]["resource"]["period"]
+        winter = resources(map_case("ADT_A03/basic", mappings), "Encounter")[0]["resource"]["period"]
+        assert summer["end"] == "2026-07-15T10:15:00+01:00" and winter["end"] == "2026-11-24T10:15:00+00:00"
 
     def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
         """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
@@ -153,6 +203,21 @@ class TestSiteFields:
         root = site_copy(tmp_path, lambda s: s["events"].update(A21="ignore"))
         (root / "messages" / "ADT_A21.yaml").unlink()
         assert "A21" not in load_mappings(root).messages
+
+
+class TestCodeTables:
+    def test_local_codes_are_marked_unconfirmed(self, mappings: MappingSet) -> None:
+        """Every code shipped in a Homeward CodeSystem is marked national_code_confirmed: false, and no national one is."""
+        for vocab in mappings.vocabularies.values():
+            for v2_code, entry in vocab.codes.items():
+                local = entry.get("system", vocab.system).startswith("https://homeward.example.org/fhir/CodeSystem/")
+                assert local == (v2_code in vocab.unconfirmed), f"{vocab.name} {v2_code}"
+                assert "national_code_confirmed" not in entry  # the flag never reaches a Coding
+        # Pathway, services and carer breakdown: the ones DOMAIN.md found no confirmed code for.
+        assert {"DischargePathway", "DischargeService"} <= {
+            v.name for v in mappings.vocabularies.values() if not v.national_code_confirmed
+        }
+        assert mappings.vocabularies["ReferralReason"].unconfirmed == {"CARERBRK"}
 
 
 class TestRouting:
@@ -228,6 +293,59 @@ class TestStartupValidation:
             load_mappings(root)
         assert expected in str(info.value)
 
+    @pytest.mark.parametrize(
+        ("file", "change", "expected"),
+        [
+            (
+                "vocabulary/DischargeDestination.yaml",
+                lambda d: d.update(unmapped="guess"),
+                "DischargeDestination.yaml: unmapped: expected error | default | omit | text",
+            ),
+            (
+                "vocabulary/0001-AdministrativeGender.yaml",
+                lambda d: d.update(default="Q"),
+                "0001-AdministrativeGender.yaml: default: must name a key of map",
+            ),
+            (
+                "vocabulary/DischargeService.yaml",
+                lambda d: d["map"].update(BRIDGING={"display": "no code"}),
+                "DischargeService.yaml: map.BRIDGING: expected a code",
+            ),
+            (
+                "vocabulary/DischargePathway.yaml",
+                lambda d: d.pop("system"),
+                "DischargePathway.yaml: missing key 'system'",
+            ),
+            (
+                "segments/PID-Patient.yaml",
+                lambda d: d["rules"][0].update(element="nhsNumber"),
+                "PID-Patient.yaml: rules[0]: element:",
+            ),
+            (
+                "vocabulary/ReferralReason.yaml",
+                lambda d: d["map"]["CARERBRK"].update(national_code_confirmed="no"),
+                "ReferralReason.yaml: map.CARERBRK: national_code_confirmed: expected true or false",
+            ),
+        ],
+        ids=[
+            "unmapped-policy",
+            "default-not-in-map",
+            "entry-without-code",
+            "no-system",
+            "unknown-element",
+            "flag-not-bool",
+        ],
+    )
+    def test_bad_mapping_files_name_file_and_key(self, tmp_path: Path, file: str, change: Any, expected: str) -> None:
+        """A code table or segment map an engineer broke stops start-up with the file and key named."""
+        root = site_copy(tmp_path, lambda s: None)
+        data = yaml.safe_load((root / file).read_text())
+        change(data)
+        (root / file).write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError) as info:
+            load_mappings(root)
+        assert expected in str(info.value)
+
     def test_rule_errors_name_the_mapping_file_and_rule(self, tmp_path: Path) -> None:
         """A template without `into`, in a message map, is refused naming the file and rule index."""
         root = site_copy(tmp_path, lambda s: None)
@@ -255,3 +373,46 @@ class TestExplain:
         result = map_message(message, mappings, TZ)
         # PV2-9 (expected discharge) means nothing once the patient has left: A03 maps PV1-45 instead.
         assert unused_fields(message, result) == ["EVN-1", "PID-1", "NK1-1", "PV1-1", "PV2-9", "DG1-1", "NTE-1"]
+
+
+class TestIntakeOutcomes:
+    """What the sender and the store see, through the real intake and a real SQLite file."""
+
+    def run(self, tmp_path: Path, mappings: MappingSet, *cases: str) -> tuple[list[dict[str, list[str]]], SqliteStore]:
+        store = SqliteStore(tmp_path / "store.sqlite3")
+        intake = Intake(store, mappings, IntakeOptions())
+        acks = [ack_fields(asyncio.run(intake.frame(golden_message(f"{case}.hl7"), "test"))) for case in cases]
+        return acks, store
+
+    @pytest.mark.parametrize(
+        ("case", "location", "erl"),
+        [("ADT_A03/no_pv1", "PV1", "PV1^1"), ("ADT_A03/no_patient_identifier", "PID-3", "PID^1^3")],
+    )
+    def test_refusal_is_ae_with_err_naming_the_field(
+        self, tmp_path: Path, mappings: MappingSet, case: str, location: str, erl: str
+    ) -> None:
+        """An A03 lacking PV1 or any patient identifier: AE, ERR-2 names the field, ERR-3 101; kept with its reason."""
+        (ack,), store = self.run(tmp_path, mappings, case)
+        try:
+            assert ack["MSA"][1] == "AE"
+            assert ack["ERR"][2] == erl and ack["ERR"][3].startswith("101^")  # ERR-2 is an ERL: segment^seq^field
+            assert location in ack["ERR"][8]
+            ((outcome, reason, raw),) = store.query("SELECT outcome, reason, raw FROM inbound")
+            assert outcome == "refused" and location in reason
+            assert bytes(raw) == golden_message(f"{case}.hl7")  # the original is kept as received
+            assert store.query("SELECT count(*) FROM outbox")[0][0] == 0
+            assert [r[0] for r in store.query("SELECT stage FROM audit ORDER BY id")] == ["received", "refused"]
+        finally:
+            store.close()
+
+    def test_an_ignored_event_is_acknowledged_and_recorded_as_filtered(self, tmp_path: Path) -> None:
+        """With A21 set to `ignore` in site.yaml, an A21 gets AA, is kept as filtered, and nothing is queued."""
+        mappings = load_mappings(site_copy(tmp_path, lambda s: s["events"].update(A21="ignore")))
+        acks, store = self.run(tmp_path, mappings, "ADT_A21/leave_out", "ADT_A22/leave_return")
+        try:
+            assert [ack["MSA"][1] for ack in acks] == ["AA", "AA"]
+            rows = store.query("SELECT event, outcome FROM inbound ORDER BY id")
+            assert [tuple(r) for r in rows] == [("ADT^A21", "filtered"), ("ADT^A22", "accepted")]
+            assert store.query("SELECT count(*) FROM outbox")[0][0] == 1
+        finally:
+            store.close()

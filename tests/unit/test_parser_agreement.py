@@ -5,17 +5,20 @@ identifiers, names, addresses, locations), Z-segments of any shape, escape seque
 CR / LF / CRLF separators. For each one the generator knows the true value of every leaf
 (field, repetition, component, subcomponent); the lean parser must read exactly those values,
 and hl7apy must find the same leaves holding the same text. Every golden message gets the same check.
+Where hl7apy types a leaf NM (v2.3.1 CX-2) it hands back the number, not the text: such a leaf is
+compared as hl7apy would render the lean parser's text (see as_hl7apy_numeric).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapter.errors import InboundError
@@ -134,13 +137,28 @@ def _text(er7: str) -> str:
     return er7.replace("\\E\\.br\\E\\", "\\.br\\")
 
 
-def hl7apy_leaves(text: str) -> list[tuple[str, Leaves]]:
-    """Every non-empty leaf of every segment as hl7apy reads it (escaped text, as hl7apy keeps it)."""
+def as_hl7apy_numeric(value: str) -> str:
+    """A leaf's text as hl7apy gives back an NM leaf: a valid decimal in Python's canonical form, else as sent.
+
+    hl7apy stores an NM value as decimal.Decimal and writes it back with str(), so "00" reads "0",
+    "+5" "5", "1e2" "1E+2" and "nan" "NaN". HL7 v2.3.1 types CX-2 (check digit) as NM (2.3 and 2.4+ as ST).
+    The lean parser keeps the text as sent, which is what Homeward needs: identifiers and check
+    digits are compared and forwarded as the sender wrote them, never computed with.
+    """
+    try:
+        return str(Decimal(value))
+    except InvalidOperation:
+        return value
+
+
+def hl7apy_leaves(text: str) -> list[tuple[str, Leaves, set[tuple[int, int, int, int]]]]:
+    """Every non-empty leaf of every segment as hl7apy reads it (escaped text, as hl7apy keeps it), and which are NM."""
     from hl7apy.parser import parse_message
 
     out = []
     for seg in parse_message(text, find_groups=False).children:
         leaves: Leaves = {}
+        numeric: set[tuple[int, int, int, int]] = set()
         reps: dict[int, int] = defaultdict(int)
         n = 0
         for f in seg.children:
@@ -152,27 +170,55 @@ def hl7apy_leaves(text: str) -> list[tuple[str, Leaves]]:
             for ci, comp in enumerate(f.children, start=1):
                 c = _position(comp.name, ci)
                 if D.subcomponent in comp.to_er7():
-                    for si, sub in enumerate(comp.children, start=1):
-                        leaves[(n, reps[n], c, _position(sub.name, si))] = _text(sub.to_er7())
+                    parts = [((n, reps[n], c, _position(sub.name, si)), sub) for si, sub in enumerate(comp.children, 1)]
                 else:
-                    leaves[(n, reps[n], c, 1)] = _text(comp.to_er7())
-        out.append((seg.name, {k: v for k, v in leaves.items() if v}))
+                    parts = [((n, reps[n], c, 1), comp)]
+                for key, node in parts:
+                    leaves[key] = _text(node.to_er7())
+                    if getattr(node, "datatype", None) == "NM":
+                        numeric.add(key)
+        out.append((seg.name, {k: v for k, v in leaves.items() if v}, numeric))
     return out
 
 
 def assert_agree(msg: Hl7Message) -> None:
     """hl7apy and the lean parser see the same segments, and the same text in the same leaves."""
     reference = hl7apy_leaves(hl7apy_text(msg))
-    assert [name for name, _ in reference] == msg.segment_names
-    for index, (name, leaves) in enumerate(reference):
+    assert [name for name, _, _ in reference] == msg.segment_names
+    for index, (name, leaves, numeric) in enumerate(reference):
         if index == 0 and hl7apy_text(msg) != msg.text:
             leaves[(12, 1, 1, 1)] = msg.version  # hl7apy was handed 2.7 for 2.7.1 (and 2.8 for 2.8.1)
-        assert {k: unescape(v, msg.delimiters) for k, v in leaves.items()} == lean_leaves(msg, index), name
+        lean = {k: as_hl7apy_numeric(v) if k in numeric else v for k, v in lean_leaves(msg, index).items()}
+        assert {k: unescape(v, msg.delimiters) for k, v in leaves.items()} == lean, name
+
+
+def _fields(name: str, values: dict[int, str]) -> str:
+    return "|".join([name] + [values.get(i, "") for i in range(1, max(values) + 1)])
+
+
+# The case hypothesis found (CI, intermittently): v2.3.1 PID-3.2 "00", which hl7apy reads as NM "0".
+CHECK_DIGIT_00 = (
+    "\r".join(
+        [
+            "MSH|^~\\&|PAS|RRK|HW|LA|20261124103000||ADT^A01|0|P|2.3.1",
+            "EVN|A01",
+            _fields("PID", {3: "^00", 5: "X", 18: "X"}),
+            _fields("PV1", {3: "X", 7: "X", 19: "X", 36: "X"}),
+            "",
+        ]
+    ).encode(),
+    [
+        ("EVN", {(1, 1, 1, 1): "A01"}),
+        ("PID", {(3, 1, 2, 1): "00", (5, 1, 1, 1): "X", (18, 1, 1, 1): "X"}),
+        ("PV1", {(3, 1, 1, 1): "X", (7, 1, 1, 1): "X", (19, 1, 1, 1): "X", (36, 1, 1, 1): "X"}),
+    ],
+)
 
 
 class TestLeanParserAgreesWithHl7apy:
     @SETTINGS
     @given(message())
+    @example(CHECK_DIGIT_00)
     def test_generated_messages(self, generated: tuple[bytes, list[tuple[str, Leaves]]]) -> None:
         """On generated messages the lean parser reads exactly the values sent, and hl7apy finds the same leaves."""
         data, truth = generated
@@ -181,6 +227,26 @@ class TestLeanParserAgreesWithHl7apy:
         for index, (_, leaves) in enumerate(truth, start=1):
             assert lean_leaves(msg, index) == leaves
         assert_agree(msg)
+
+    def test_v231_check_digit_is_kept_as_sent(self) -> None:
+        """v2.3.1 CX-2 is NM: hl7apy reads "00" as the number 0, the lean parser keeps "00", and they count as agreeing."""
+        msg = parse(CHECK_DIGIT_00[0])
+        pid = msg.segment("PID")
+        assert pid is not None and pid.get(3, 2) == "00"
+        ((_, leaves, numeric),) = [r for r in hl7apy_leaves(hl7apy_text(msg)) if r[0] == "PID"]
+        assert leaves[(3, 1, 2, 1)] == "0" and (3, 1, 2, 1) in numeric
+        assert_agree(msg)
+        # The same field in 2.4 is ST: hl7apy keeps the text, so nothing numeric is involved.
+        v24 = parse(CHECK_DIGIT_00[0].replace(b"|2.3.1", b"|2.4"))
+        ((_, leaves, numeric),) = [r for r in hl7apy_leaves(hl7apy_text(v24)) if r[0] == "PID"]
+        assert leaves[(3, 1, 2, 1)] == "00" and not numeric
+        assert_agree(v24)
+
+    def test_numeric_rendering_is_hl7apys(self) -> None:
+        """The comparison renders only valid decimals the way hl7apy does; any other text stays as sent."""
+        assert [as_hl7apy_numeric(v) for v in ("00", "+5", "1e2", "nan", "0.50", "A", "1,5", "")] == [
+            "0", "5", "1E+2", "NaN", "0.50", "A", "1,5", "",
+        ]  # fmt: skip
 
     @pytest.mark.parametrize("case", sorted(GOLDEN.glob("*/*.hl7")), ids=lambda p: f"{p.parent.name}/{p.stem}")
     def test_golden_messages(self, case: Any) -> None:
