@@ -44,6 +44,7 @@ def test_messages(run: str) -> dict[str, str]:
     pid = f"PID|1||{TEST_FACILITY}-{run}^^^{TEST_FACILITY}^MR||{TEST_NAME}||19300101|U"
     pv1 = f"PV1|1|I|TESTWARD^1^^{TEST_FACILITY}||||||||||||||||{TEST_FACILITY}-V-{run}" + "|" * 25
     zds = "ZDS|1|20261123|BRIDGING~EQUIP"
+    nk1 = "NK1|1|CONFORMANCE^CARER-TEST|CGV^Care giver"  # a carer, so RelatedPerson is written and checked too
 
     def msh(event: str, structure: str, n: int, when: str) -> str:
         return (
@@ -53,12 +54,20 @@ def test_messages(run: str) -> dict[str, str]:
 
     return {
         "A16": "\r".join(
-            [msh("A16", "ADT_A16", 1, "20261121090000"), pid, pv1 + "20261118140000|", "PV2|||||||||20261124", zds]
+            [
+                msh("A16", "ADT_A16", 1, "20261121090000"),
+                pid,
+                nk1,
+                pv1 + "20261118140000|",
+                "PV2|||||||||20261124",
+                zds,
+            ]
         ),
         "A03": "\r".join(
             [
                 msh("A03", "ADT_A03", 2, "20261124110000"),
                 pid,
+                nk1,
                 pv1.replace("|" * 25, "|" * 16 + "19|HOME" + "|" * 8) + "20261118140000|20261124104500",
                 "PV2|||||||||20261124",
                 zds,

@@ -214,3 +214,23 @@ def test_a_claimed_profile_not_held_here_is_reported_not_passed(validator: Valid
     assert warnings == [
         "Organization: warning: profile https://example.org/StructureDefinition/SomeoneElsesOrganization is not known here; not checked [profile]"
     ]
+
+
+@pytest.mark.parametrize(
+    ("element", "change"),
+    [
+        ("name[0].use", lambda r: r["name"][0].update(use="nick")),
+        ("telecom[0].system", lambda r: r["telecom"][0].update(system="mobile")),
+        ("identifier[0].use", lambda r: r["identifier"][0].update(use="primary")),
+        ("address[0].use", lambda r: r["address"][0].update(use="house")),
+    ],
+    ids=["HumanName.use", "ContactPoint.system", "Identifier.use", "Address.use"],
+)
+def test_codes_inside_datatypes_meet_their_required_binding(validator: Validator, element: str, change: Any) -> None:
+    """A site table (e.g. 0202 -> ContactPoint.system) that maps to a code R4 does not allow is caught offline."""
+    bundle = json.loads((GOLDEN / "ADT_A03" / "v26_full.bundle.json").read_text())
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    change(patient)
+    errors = _errors(validator, patient)
+    assert f"Patient.{element}: code is not one the R4 required binding allows" in errors, errors
+    assert all(e.startswith(f"Patient.{element}: ") for e in errors), errors
