@@ -87,6 +87,9 @@ class OutboxItem:
     queued_at: float = 0.0
     visit_key: str = ""
     event_time: float | None = None
+    # The newest event_time already delivered to this target for visit_key, read when the row was
+    # claimed (its predecessors are no longer pending then): what the stale-event rule compares with.
+    applied_event_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +142,9 @@ class Store(Protocol):
     Implementations raise StoreUnavailable when they cannot commit.
     """
 
+    # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
+    max_claims: int
+
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
         """Store an accepted message and queue its deliveries, or recognise a duplicate."""
         ...
@@ -149,6 +155,11 @@ class Store(Protocol):
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Claim up to `limit` due rows, at most one per (target, ordering_key), oldest first."""
+        ...
+
+    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+        """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
+        pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
         ...
 
     async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None: ...

@@ -113,13 +113,34 @@ SCHEMA = [
 ]
 _MIGRATION_LOCK = 0x486F6D65  # "Home": one migration at a time per database
 
+# The columns of a claimed row; the last one is what the stale-event rule compares with.
+ITEM_COLUMNS = """
+o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
+i.sending_facility, i.message_control_id, i.event, o.queued_at, o.visit_key, o.event_time,
+CASE WHEN o.visit_key <> '' THEN (
+    SELECT max(d.event_time) FROM outbox d
+    WHERE d.target = o.target AND d.visit_key = o.visit_key AND d.state = 'delivered')
+END"""
+
 # The oldest pending row of each (target, ordering_key), and only if no other session holds it.
 # A row being sent stays 'pending' and locked, so it both hides itself and holds back its successors.
-CLAIM_SQL = """
-SELECT o.id, o.inbound_id, o.target, o.ordering_key, o.bundle, o.attempts, o.created_at,
-       i.sending_facility, i.message_control_id, i.event, o.queued_at, o.visit_key, o.event_time
+CLAIM_SQL = f"""
+SELECT {ITEM_COLUMNS}
 FROM outbox o JOIN inbound i ON i.id = o.inbound_id
 WHERE o.state = 'pending' AND o.next_attempt_at <= %s
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox p
+      WHERE p.target = o.target AND p.ordering_key = o.ordering_key AND p.state = 'pending' AND p.id < o.id)
+ORDER BY o.id
+LIMIT 1
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+# The same for one (target, ordering_key): its oldest pending row, if due and not held by another session.
+NEXT_SQL = f"""
+SELECT {ITEM_COLUMNS}
+FROM outbox o JOIN inbound i ON i.id = o.inbound_id
+WHERE o.target = %s AND o.ordering_key = %s AND o.state = 'pending' AND o.next_attempt_at <= %s
   AND NOT EXISTS (
       SELECT 1 FROM outbox p
       WHERE p.target = o.target AND p.ordering_key = o.ordering_key AND p.state = 'pending' AND p.id < o.id)
@@ -153,6 +174,9 @@ def migrate(url: str) -> int:
 
 class PostgresStore:
     """Store over one PostgreSQL database; callable from the event loop, shared by several processes."""
+
+    # Each claim is an open transaction on a connection of its own: keep well under max_connections.
+    max_claims = 16
 
     def __init__(
         self,
@@ -301,23 +325,40 @@ class PostgresStore:
         self._expire_leases(now)
         items: list[OutboxItem] = []
         for _ in range(limit):
-            conn = self._claim_conn()
             try:
-                row = conn.execute(CLAIM_SQL, (now,)).fetchone()
-            except psycopg.Error as exc:
-                conn.close()
+                item = self._claim_one(CLAIM_SQL, (now,), now + lease_seconds)
+            except StoreUnavailable:
                 if items:
                     break
-                raise StoreUnavailable(f"the store could not claim ({type(exc).__name__})") from exc
-            if row is None:
-                conn.rollback()
-                self._release_claim_conn(conn)
+                raise
+            if item is None:
                 break
-            item = _item(row)
-            with self._lock:
-                self._claims[item.id] = (conn, now + lease_seconds)
             items.append(item)
         return items
+
+    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._claim_one, NEXT_SQL, (item.target, item.ordering_key, now), now + lease_seconds
+        )
+
+    def _claim_one(self, sql: str, params: tuple[Any, ...], until: float) -> OutboxItem | None:
+        """Run a claim query on a claim connection; its open transaction holds the row it returns."""
+        conn = self._claim_conn()
+        try:
+            row = conn.execute(sql, params).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"the store could not claim ({type(exc).__name__})") from exc
+        if row is None:
+            conn.rollback()
+            self._release_claim_conn(conn)
+            return None
+        item = _item(row)
+        with self._lock:
+            self._claims[item.id] = (conn, until)
+        return item
 
     def _expire_leases(self, now: float) -> None:
         """Let go of this instance's claims whose lease has run out (a send that never reported back)."""
@@ -632,6 +673,7 @@ def _item(row: tuple[Any, ...]) -> OutboxItem:
         queued_at=row[10] or row[6],
         visit_key=row[11],
         event_time=row[12],
+        applied_event_time=row[13],
     )
 
 

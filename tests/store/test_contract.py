@@ -209,6 +209,60 @@ class TestOutcomes:
 
         run(body())
 
+    def test_claim_carries_what_was_applied_for_the_visit(self, store_factory) -> None:  # type: ignore[no-untyped-def]
+        """A claimed row carries the newest event time already delivered for its visit (None before any)."""
+        store = store_factory()
+
+        async def body() -> None:
+            await put(store, "E1", "p", visit_key="v1", event_time=NOW - 10)
+            await put(store, "E2", "p", visit_key="v1", event_time=NOW - 20)
+            await put(store, "E3", "q", visit_key="", event_time=NOW)
+            first, other = await store.claim_due(NOW, 10, 60)
+            assert (first.applied_event_time, other.applied_event_time) == (None, None)
+            await store.mark_delivered(first, NOW, {})
+            (second,) = await store.claim_due(NOW, 10, 60)
+            assert second.applied_event_time == NOW - 10
+
+        run(body())
+
+
+class TestClaimNext:
+    def test_next_row_of_the_key_once_the_head_is_done(self, store_factory) -> None:  # type: ignore[no-untyped-def]
+        """claim_next gives nothing while the row is pending, then claims the key's next row, and only that key's."""
+        store = store_factory()
+
+        async def body() -> None:
+            a1 = await put(store, "N1", "a", visit_key="va", event_time=NOW - 5)
+            b1 = await put(store, "N2", "b")
+            a2 = await put(store, "N3", "a", visit_key="va", event_time=NOW)
+            (head,) = await store.claim_due(NOW, 1, 60)
+            assert head.id == a1
+            assert await store.claim_next(head, NOW, 60) is None  # still pending: it holds its key
+            await store.mark_delivered(head, NOW, {})
+            following = await store.claim_next(head, NOW, 60)
+            assert following is not None and (following.id, following.applied_event_time) == (a2, NOW - 5)
+            # a2 is claimed now, so a full claim finds only b1, and claim_next will not hand a2 out twice.
+            assert [i.id for i in await store.claim_due(NOW, 10, 60)] == [b1]
+            assert await store.claim_next(head, NOW, 60) is None
+
+        run(body())
+
+    def test_next_row_waits_until_due(self, store_factory) -> None:  # type: ignore[no-untyped-def]
+        """A next row that is scheduled for later, or that a dead letter freed, is claimed only when due."""
+        store = store_factory()
+
+        async def body() -> None:
+            first = await put(store, "D1", "p")
+            second = await put(store, "D2", "p")
+            (item,) = await store.claim_due(NOW, 10, 60)
+            assert item.id == first and await store.claim_due(NOW, 10, 60) == []  # D2 waits behind D1
+            await store.dead_letter(item, NOW, "HTTP 422", {"status": 422})
+            assert await store.claim_next(item, NOW - 3600, 60) is None  # the row was queued at NOW: not due yet
+            following = await store.claim_next(item, NOW, 60)
+            assert following is not None and following.id == second
+
+        run(body())
+
 
 class TestPeopleActions:
     async def _dead(self, store: Store, control_id: str) -> int:
