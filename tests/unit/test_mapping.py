@@ -198,6 +198,30 @@ class TestSiteFields:
             parse((GOLDEN / "ADT_A16/obx_not_used.hl7").read_bytes()), result
         )
 
+    def test_pathway_ready_date_and_services_from_obx_instead_of_zds(self, tmp_path: Path) -> None:
+        """A feed with no ZDS: site.yaml points the three local fields at OBX segments, and the referral and plan come out the same."""
+
+        def change(site: dict[str, Any]) -> None:
+            site["fields"].update(
+                pathway="OBX[3=PATHWAY]-5", discharge_ready_date="OBX[3=DRD]-5", services="OBX[3=SERVICES]-5"
+            )
+
+        zds = map_case("ADT_A16/basic", load_mappings(MAPPINGS))
+        text = (GOLDEN / "ADT_A16/basic.hl7").read_text(encoding="utf-8")
+        (zds_line,) = [line for line in text.splitlines() if line.startswith("ZDS")]
+        _, pathway, ready, services = zds_line.split("|")[:4]
+        obx = [
+            f"OBX|1|ST|PATHWAY^Discharge pathway^L||{pathway}",
+            f"OBX|2|DT|DRD^Discharge ready date^L||{ready}",
+            f"OBX|3|ST|SERVICES^Services needed^L||{services}",
+        ]
+        moved = "\n".join([line for line in text.splitlines() if not line.startswith("ZDS")] + obx)
+        result = map_text(moved, load_mappings(site_copy(tmp_path, change)))
+        for rtype in ("ServiceRequest", "CarePlan"):
+            assert resources(result, rtype) == resources(zds, rtype), rtype
+        referral = resources(result, "ServiceRequest")[0]["resource"]
+        assert referral["extension"][0]["valueDate"] and len(referral["orderDetail"]) == len(services.split("~"))
+
     def test_an_ignored_event_needs_no_map(self, tmp_path: Path) -> None:
         """Events set to `ignore` load without a message map; the set of processed events is site data."""
         root = site_copy(tmp_path, lambda s: s["events"].update(A21="ignore"))
