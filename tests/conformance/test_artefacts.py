@@ -73,7 +73,14 @@ def test_requirements_statement_is_valid() -> None:
     assert {"code": "transaction", "extension": [{"url": artefacts.EXPECTATION, "valueCode": "SHALL"}]} in [
         {"code": i["code"], "extension": i["extension"]} for i in rest["interaction"]
     ]
+    # OAuth2 client credentials where the site configures them (the suite checks it only then: metadata.security)
+    assert [c["code"] for s in rest["security"]["service"] for c in s["coding"]] == ["OAuth"]
     types = {r["type"]: r for r in rest["resource"]}
+    # search by identifier (the read-back and conditional update key) and read are SHALL for every resource type
+    for resource in rest["resource"]:
+        assert {"read", "search-type", "update"} <= {i["code"] for i in resource["interaction"]}
+        assert resource["searchParam"][0]["name"] in ("identifier", "_id")
+    assert statement["format"] == ["application/fhir+json"]
     assert types["ServiceRequest"]["supportedProfile"] == [artefacts.SERVICE_REQUEST_PROFILE]
     assert types["Provenance"]["updateCreate"] is True
     assert types["Patient"]["conditionalUpdate"] is True

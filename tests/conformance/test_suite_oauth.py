@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -133,3 +136,66 @@ def test_a_refused_client_stops_the_run_at_the_token(
         detail == f"{token_server.url_for('/token')}: token endpoint answered HTTP 401 invalid_client; nothing else run"
     )
     assert "NOT CONFORMANT" in output
+
+
+def test_a_configured_target_with_private_key_jwt(
+    protected_server: FhirServer, token_server: HTTPServer, tmp_path: Path
+) -> None:
+    """`--config FILE --target NAME`: mode and OAuth2 (SMART backend services: a signed client assertion) come from
+    the site's own target settings, so the run proves the configuration that will go live."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "jwt.pem").write_bytes(pem)
+    token_url = token_server.url_for("/token")
+    claims: list[dict[str, Any]] = []
+
+    def endpoint(request: Request) -> Response:
+        try:
+            claims.append(
+                jwt.decode(request.form["client_assertion"], key.public_key(), algorithms=["RS384"], audience=token_url)
+            )
+        except (KeyError, jwt.PyJWTError):
+            return Response(json.dumps({"error": "invalid_client"}), 401, content_type="application/json")
+        body = {"access_token": ACCESS_TOKEN, "token_type": "bearer", "expires_in": 300}
+        return Response(json.dumps(body), 200, content_type="application/json")
+
+    token_server.expect_request("/token", method="POST").respond_with_handler(endpoint)
+    config = tmp_path / "homeward.toml"
+    config.write_text(
+        f"""
+[[targets]]
+name = "council"
+kind = "fhir"
+mode = "batch"
+base_url = "{protected_server.base_url}"
+
+[targets.auth]
+kind = "oauth2"
+token_url = "{token_url}"
+client_id = "homeward-rrk"
+client_auth = "private_key_jwt"
+private_key_file = "{tmp_path / "jwt.pem"}"
+key_id = "homeward-2026"
+"""
+    )
+    report = tmp_path / "report.json"
+    try:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "adapter", "conformance", "--config", str(config), "--target", "council"),
+                *("--load-profiles", "--json", str(report)),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        token_server.clear()
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())
+    assert data["facts"]["mode"] == "batch" and data["facts"]["auth"] == "oauth2"
+    checks = {c["id"]: c for c in data["checks"]}
+    assert checks["auth.token"]["status"] == "passed"
+    assert checks["lifecycle.A03.deliver"]["title"] == "A03 delivered as a batch"
+    assert [(c["iss"], c["sub"]) for c in claims] == [("homeward-rrk", "homeward-rrk")]
