@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
 
 import structlog
@@ -25,6 +27,7 @@ from adapter.mllp.server import MllpServer, server_ssl_context
 from adapter.store import open_store
 from adapter.store.base import Actor
 from adapter.targets import build_targets
+from adapter.workers import ForwarderWaker, Workers, bind
 
 log = structlog.get_logger("homeward.app")
 
@@ -34,13 +37,19 @@ CHECKPOINT_INTERVAL_SECONDS = 3600.0
 
 
 class App:
-    """One running adapter: listener + forwarder over one store."""
+    """One running adapter: listener + forwarder over one store.
 
-    def __init__(self, settings: Settings):
+    With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py)
+    and this process runs the forwarder; a worker is an App given `intake_sock`, the shared socket.
+    """
+
+    def __init__(self, settings: Settings, *, intake_sock: socket.socket | None = None, config: str | None = None):
         self.settings = settings
+        self.role = "intake" if intake_sock is not None else "forwarder" if settings.mllp.workers else "all"
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        self.store = open_store(settings, audit_keys=self.audit_keys)
+        # Only the process that runs the forwarder releases the claims a crash left behind.
+        self.store = open_store(settings, serving=self.role != "intake", audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         unknown = named_targets(self.mappings.site.routing) - set(self.targets)
         if unknown:
@@ -65,18 +74,23 @@ class App:
             fallback_charset=settings.hl7.fallback_charset,
             allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
         )
-        self.intake = Intake(
-            self.store, self.mappings, options, on_accepted=self.forwarder.wake, audit_keys=self.audit_keys
-        )
-        self.server = MllpServer(
-            self.intake,
-            settings.mllp.host,
-            settings.mllp.port,
-            max_frame_bytes=settings.mllp.max_frame_bytes,
-            idle_timeout=settings.mllp.idle_timeout_seconds,
-            ssl_context=server_ssl_context(settings.mllp),
-            max_connections=settings.mllp.max_connections,
-        )
+        on_accepted = ForwarderWaker(os.getppid()) if self.role == "intake" else self.forwarder.wake
+        self.intake = Intake(self.store, self.mappings, options, on_accepted=on_accepted, audit_keys=self.audit_keys)
+        self.server: MllpServer | None = None
+        self.workers: Workers | None = None
+        if self.role == "forwarder":
+            self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
+        else:
+            self.server = MllpServer(
+                self.intake,
+                settings.mllp.host,
+                settings.mllp.port,
+                max_frame_bytes=settings.mllp.max_frame_bytes,
+                idle_timeout=settings.mllp.idle_timeout_seconds,
+                ssl_context=server_ssl_context(settings.mllp),
+                max_connections=settings.mllp.max_connections,
+                sock=intake_sock,
+            )
         self.admin: AdminServer | None = None
         if settings.admin.port is not None:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
@@ -118,8 +132,10 @@ class App:
     def readiness(self) -> list[str]:
         """What stops this adapter from taking and keeping messages right now ([] when ready)."""
         problems = []
-        if not self.server.listening:
+        if self.server is not None and not self.server.listening:
             problems.append("the MLLP listener is not bound")
+        if self.workers is not None and self.workers.alive < self.workers.count:
+            problems.append(f"{self.workers.alive} of {self.workers.count} intake workers running")
         try:
             self.store.check_writable(timeout=5.0)
         except StoreUnavailable as exc:
@@ -134,7 +150,23 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self.server.start()
+        if self.role == "intake":
+            await self._run_intake()
+            return
+        tasks = []
+        if self.server is not None:
+            await self.server.start()
+        if self.workers is not None:
+            port = self.workers.sock.getsockname()[1]
+            log.info(
+                "mllp.listening",
+                host=self.settings.mllp.host,
+                port=port,
+                tls=self.settings.mllp.tls_cert_file is not None,
+            )
+            loop.add_signal_handler(signal.SIGUSR1, self.forwarder.wake)  # a worker committed a message
+            self.workers.start()
+            tasks.append(asyncio.create_task(self.workers.supervise()))
         metrics.REGISTRY.register(self._queue_collector)
         if self.admin is not None:
             self.admin.start()
@@ -143,6 +175,7 @@ class App:
         forwarder = asyncio.create_task(self.forwarder.run())
         retention = asyncio.create_task(self.purge_loop())
         checkpoints = asyncio.create_task(self.checkpoint_loop())
+        tasks += [retention, checkpoints]
         target_desc = (self.settings.fhir.base_url and "fhir") or f"directory:{self.settings.outbox.dir}"
         log.info(
             "homeward.started",
@@ -154,12 +187,15 @@ class App:
         await self._stop.wait()
         log.info("homeward.stopping")
         grace = self.settings.mllp.shutdown_grace_seconds
-        await self.server.stop(grace)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)
         await self.forwarder.stop(grace)
         forwarder.cancel()
-        retention.cancel()
-        checkpoints.cancel()
-        await asyncio.gather(forwarder, retention, checkpoints, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(forwarder, *tasks, return_exceptions=True)
         if self.audit_events is not None:
             await self.audit_events.aclose(grace)
         if self.admin is not None:
@@ -170,3 +206,11 @@ class App:
             log.info("audit.checkpoint", seq=seq, hash=head_hash)
         self.store.close()
         log.info("homeward.stopped")
+
+    async def _run_intake(self) -> None:
+        """An intake worker: listen on the shared socket until SIGTERM, finish the frames in hand, close."""
+        assert self.server is not None
+        await self.server.start()
+        await self._stop.wait()
+        await self.server.stop(self.settings.mllp.shutdown_grace_seconds)
+        self.store.close()

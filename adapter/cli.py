@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     adapter_logging.configure(settings.log.format, settings.log.level)
-    app = App(settings)
+    # --intake-fd: started by a serve process with mllp.workers, to run the intake on its socket.
+    sock = socket.socket(fileno=args.intake_fd) if args.intake_fd is not None else None
+    app = App(settings, intake_sock=sock, config=None if args.config is None else str(args.config))
     asyncio.run(app.run())
     return 0
 
@@ -240,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
+    serve.add_argument("--intake-fd", type=int, help=argparse.SUPPRESS)  # internal: an intake worker (mllp.workers)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))
     mapper.add_argument(
         "--explain",

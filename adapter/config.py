@@ -51,6 +51,11 @@ class MllpSettings(_Section):
     # Bounded work: each connection handles one frame at a time, so memory is at most about
     # max_connections x max_frame_bytes. Connections beyond this are closed with a log line.
     max_connections: int = Field(default=64, ge=1)
+    # Intake worker processes (adapter/workers.py). 0: the listener and intake run in the serve process
+    # beside the forwarder. N: N processes accept on one shared socket and run the intake (parse, map,
+    # store, ACK) while the serve process delivers, so the ACK path gets cores of its own.
+    # max_connections then applies per worker.
+    workers: int = Field(default=0, ge=0, le=32)
     # TLS on the listener: certificate and key (PEM). With tls_client_ca_file, mutual TLS: a client
     # must present a certificate signed by that CA.
     tls_cert_file: Path | None = None
@@ -192,7 +197,7 @@ class MappingSettings(_Section):
     # 1 ms a message). "datatypes": only the per-value checks the engine always makes (every value
     # from the feed against its FHIR datatype); the tests prove on every golden case and on generated
     # messages that such bundles pass full validation. See README "Design notes".
-    validation: Literal["full", "datatypes"] = "full"
+    validation: Literal["full", "datatypes"] = "datatypes"
 
 
 class Hl7Settings(_Section):

@@ -41,8 +41,9 @@ class IntakeOptions:
     timezone: str = "Europe/London"
     strict: bool = False
     fallback_charset: str = "cp1252"
-    # "full": every bundle passes fhir.resources R4B validation before it is stored.
-    validation: str = "full"
+    # "datatypes": the per-value checks the engine always makes; "full": also the whole bundle through
+    # fhir.resources R4B before it is stored (config.MappingSettings.validation says why the default).
+    validation: str = "datatypes"
     # mllp.allow_networks / mllp.allow_facilities: others get AR before anything else is done.
     allow: AllowList = field(default_factory=AllowList)
 

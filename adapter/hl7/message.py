@@ -95,6 +95,9 @@ class Segment:
 
     fields: list[str]
     delimiters: Delimiters = field(default_factory=Delimiters)
+    # Split repetitions by field number: a mapping reads the same field many times (MSH-4 a dozen
+    # times a message), and segments are never changed after parsing.
+    _repetitions: dict[int, list[Repetition]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -106,6 +109,12 @@ class Segment:
 
     def repetitions(self, n: int) -> list[Repetition]:
         """Every non-empty repetition of field `n` (MSH-2 is never split)."""
+        cached = self._repetitions.get(n)
+        if cached is None:
+            cached = self._repetitions[n] = self._split(n)
+        return cached
+
+    def _split(self, n: int) -> list[Repetition]:
         raw = self.raw(n)
         if not raw:
             return []

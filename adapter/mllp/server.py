@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from typing import Protocol
 
@@ -46,6 +47,7 @@ class MllpServer:
         idle_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = 64,
+        sock: socket.socket | None = None,
     ):
         self.handler = handler
         self.host = host
@@ -54,6 +56,8 @@ class MllpServer:
         self.idle_timeout = idle_timeout
         self.ssl_context = ssl_context
         self.max_connections = max_connections
+        # An intake worker accepts on a socket its serve process bound (adapter/workers.py).
+        self.sock = sock
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a frame
         self._closing = False
@@ -74,12 +78,18 @@ class MllpServer:
 
     async def start(self) -> None:
         if self.ssl_context is None:
-            self._server = await asyncio.start_server(self._serve, self.host, self.requested_port, limit=READ_CHUNK)
+            if self.sock is not None:
+                self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=READ_CHUNK)
+            else:
+                self._server = await asyncio.start_server(self._serve, self.host, self.requested_port, limit=READ_CHUNK)
         else:
             # The handshake is run per connection (_tls) rather than by the server, so a failed one
             # (no or wrong client certificate) is logged here; asyncio would only debug-log it.
             loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(lambda: _TlsGate(self), self.host, self.requested_port)
+            if self.sock is not None:
+                self._server = await loop.create_server(lambda: _TlsGate(self), sock=self.sock)
+            else:
+                self._server = await loop.create_server(lambda: _TlsGate(self), self.host, self.requested_port)
         log.info("mllp.listening", host=self.host, port=self.port, tls=self.ssl_context is not None)
 
     async def stop(self, grace: float) -> None:

@@ -1,0 +1,79 @@
+"""mllp.workers: intake in several processes on one listening socket, the forwarder in the serve process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.integration.test_delivery import adt, send, wait_until
+
+
+def store_rows(path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def send_concurrently(port: int, batches: list[list[bytes]]) -> list[str]:
+    """One connection per batch, all at once; the MSA-1 codes of every ACK."""
+    codes: list[str] = []
+    lock = threading.Lock()
+
+    def connection(batch: list[bytes]) -> None:
+        result = send(port, *batch)
+        with lock:
+            codes.extend(result)
+
+    threads = [threading.Thread(target=connection, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return codes
+
+
+class TestIntakeWorkers:
+    def test_two_workers_keep_every_guarantee_and_a_killed_one_is_replaced(self, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        """With two intake workers: all AA, resends are duplicates across workers, a SIGKILLed worker is
+        restarted, every message is delivered once, the audit chain verifies, and SIGTERM stops them all."""
+        server = serve(HOMEWARD_MLLP_WORKERS="2")
+        started = server.wait_for_log("mllp.worker_started", count=2)
+        # Six connections, each its own patient's messages in order; then every message resent on other connections.
+        batches = [[adt(f"W{c}-{i}", patient=c, visit=f"V{c}") for i in range(8)] for c in range(6)]
+        assert send_concurrently(server.port, batches) == ["AA"] * 48
+        assert send_concurrently(server.port, batches[3:] + batches[:3]) == ["AA"] * 48
+
+        os.kill(started[0]["pid"], signal.SIGKILL)
+        server.wait_for_log("mllp.worker_exited")
+        server.wait_for_log("mllp.worker_started", count=3)
+        more = [[adt(f"X{c}-{i}", patient=c, visit=f"V{c}") for i in range(4)] for c in range(6)]
+        assert send_concurrently(server.port, more) == ["AA"] * 24
+
+        store = tmp_path / "homeward.sqlite3"
+        outcomes = dict(store_rows(store, "SELECT outcome, count(*) FROM inbound GROUP BY outcome"))
+        assert outcomes == {"accepted": 72, "duplicate": 48}
+        wait_until(lambda: len(list((tmp_path / "outbox").glob("*.json"))) == 72, 60, "72 bundles delivered")
+        # Per patient, the outbox ids (the delivery order) follow the order each connection sent in.
+        for c in range(6):
+            ids = store_rows(
+                store,
+                "SELECT i.message_control_id FROM outbox o JOIN inbound i ON i.id = o.inbound_id"
+                f" WHERE i.message_control_id LIKE 'W{c}-%' ORDER BY o.id",
+            )
+            assert [r[0] for r in ids] == [f"W{c}-{i}" for i in range(8)]
+        verify = subprocess.run(
+            [sys.executable, "-m", "adapter", "audit", "verify"], env=server.env, capture_output=True, timeout=60
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
+        assert server.stop() == 0
+        pids = [line["pid"] for line in server.log_lines() if line.get("event") == "mllp.worker_started"]
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
