@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 from pytest_httpserver import HTTPServer
 
+from adapter.conformance.validator import Validator
 from adapter.mllp.client import MllpClient
-from tests.conftest import ack_fields, golden_message
+from tests.conftest import ROOT, ack_fields, golden_message
 from tests.council import Council
 from tests.integration.test_delivery import wait_until
 
@@ -97,6 +98,9 @@ def test_pending_update_discharge_cancel_move_one_set_of_resources(serve, counci
     assert {c["coding"][0]["code"] for c in referral["category"]} == {"discharge-support", "1"}
     assert [d["coding"][0]["code"] for d in referral["orderDetail"]] == ["bridging-care", "equipment"]
     assert only(council, "RelatedPerson")["relationship"][0]["coding"][0]["code"] == "Carer"
+    # What the council holds at the end is valid R4 and meets every profile it claims (UK Core) and Homeward's.
+    validator = Validator(ROOT / "conformance")
+    assert [str(i) for key, r in council.resources.items() for i in validator.validate_resource(r, key)] == []
 
 
 def test_refused_and_filtered_messages_reach_no_council(serve, council: Council) -> None:  # type: ignore[no-untyped-def]

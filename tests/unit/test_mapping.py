@@ -223,6 +223,16 @@ class TestContentRules:
         assert "home-stay" in json.dumps(social["resource"]["orderDetail"])
         assert resources(map_case("ADT_A04/registration", mappings), "ServiceRequest") == []
 
+    def test_the_social_admission_rule_is_site_data(self, tmp_path: Path) -> None:
+        """Edit rules.social_admission in site.yaml (here: chest pain) and that admission gets the urgent referral, no code change."""
+        root = site_copy(
+            tmp_path, lambda s: s["rules"].update(social_admission={"field": "@admit_reason", "equals": "chestpain"})
+        )
+        edited = load_mappings(root)
+        (referral,) = resources(map_case("ADT_A01/medical_admission", edited), "ServiceRequest")
+        assert referral["resource"]["priority"] == "urgent"
+        assert resources(map_case("ADT_A01/social_admission", edited), "ServiceRequest") == []
+
     @pytest.mark.parametrize(
         ("zone", "start", "end"),
         [
@@ -327,6 +337,27 @@ class TestCodeTables:
             v.name for v in mappings.vocabularies.values() if not v.national_code_confirmed
         }
         assert mappings.vocabularies["ReferralReason"].unconfirmed == {"CARERBRK"}
+
+    def test_unmapped_error_policy_refuses_with_ae_103(self, tmp_path: Path) -> None:
+        """A table set to `unmapped: error` refuses a value it does not list: AE, ERR-3 103, ERR-2 the field; kept as refused."""
+        root = site_copy(tmp_path, lambda s: None)
+        table = root / "vocabulary" / "DischargeDestination.yaml"
+        data = yaml.safe_load(table.read_text())
+        data["unmapped"] = "error"
+        table.write_text(yaml.safe_dump(data))
+        mappings = load_mappings(root)
+        with pytest.raises(MappingError) as info:
+            map_case("ADT_A03/unknown_codes", mappings)
+        assert (info.value.location, info.value.hl7_error_code) == ("PV1-36", "103")
+        store = SqliteStore(tmp_path / "store.sqlite3")
+        try:
+            intake = Intake(store, mappings, IntakeOptions())
+            ack = ack_fields(asyncio.run(intake.frame(golden_message("ADT_A03/unknown_codes.hl7"), "test")))
+            assert (ack["MSA"][1], ack["ERR"][2], ack["ERR"][3].split("^")[0]) == ("AE", "PV1^1^36", "103")
+            assert "HOMEX" not in ack["ERR"][8]  # the reason names the field and the table, not the value
+            assert [tuple(r) for r in store.query("SELECT outcome FROM inbound")] == [("refused",)]
+        finally:
+            store.close()
 
 
 class TestRouting:
