@@ -119,7 +119,8 @@ class _Run:
 
     def holds(self, cond: Condition, segment: Segment | None) -> bool:
         """Evaluate a `when:`; text is compared ignoring case ("Carer breakdown" = "CARER BREAKDOWN")."""
-
+        if cond.all_of:
+            return all(self.holds(part, segment) for part in cond.all_of) != cond.negate
         reps, _ = self.read(cond.source, segment)
         # Any repetition may match: services arrive as a repeating field.
         values = {r.component(1).casefold() for r in reps} - {""}
@@ -216,9 +217,11 @@ def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -
                 url = f"{rm.resource_type}?identifier={quote(system, safe=':/')}|{quote(ident['value'], safe='')}"
                 return full_url, {"method": "PUT", "url": url}
     if rm.identity:
+        # Name the field the identifier comes from (PV1-19 for the visit's resources), as ERR-2 must.
+        fields = [r.source for r in rm.rules if r.element.startswith("identifier") and r.source]
         raise MappingError(
             f"{rm.resource_type} has no identifier to match on ({', '.join(rm.identity)})",
-            location=rm.origin.rsplit(": ", 1)[-1],
+            location=fields[0] if fields else rm.origin.rsplit(": ", 1)[-1],
         )
     # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and its place.
     anchors = [run.full_urls.get(k, k) for k in rm.anchor] if rm.anchor else sorted(run.full_urls.values())
