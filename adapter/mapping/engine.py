@@ -66,6 +66,8 @@ class _Run:
         # References to resources built later in the message (A40: the old Patient -> the new one).
         self.pending: list[tuple[dict[str, Any], Rule]] = []
         self.councils: tuple[Council, ...] = ()
+        # Filled in as they are asked for: each system's text depends only on MSH-4 (MapContext.system).
+        self.systems: dict[str, str] = {}
 
     def context(self, segment: Segment | None, location: str) -> MapContext:
         return MapContext(
@@ -78,6 +80,7 @@ class _Run:
             self.table_lookup,
             self.councils,
             self.first,
+            self.systems,
         )
 
     def table_lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
