@@ -518,6 +518,11 @@ class TestStartupValidation:
         ("file", "change", "expected"),
         [
             (
+                "messages/ADT_A03.yaml",
+                lambda d: d["resources"][5].update(anchor_fields=["NK12"]),
+                "ADT_A03.yaml: resources[5]: anchor_fields[0]",
+            ),
+            (
                 "vocabulary/DischargeDestination.yaml",
                 lambda d: d.update(unmapped="guess"),
                 "DischargeDestination.yaml: unmapped: expected error | default | omit | text",
@@ -549,6 +554,7 @@ class TestStartupValidation:
             ),
         ],
         ids=[
+            "anchor-field",
             "unmapped-policy",
             "default-not-in-map",
             "entry-without-code",
