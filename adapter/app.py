@@ -27,7 +27,7 @@ from adapter.mllp.server import MllpServer, server_ssl_context
 from adapter.store import open_store
 from adapter.store.base import Actor
 from adapter.targets import build_targets
-from adapter.workers import ForwarderWaker, Workers, bind
+from adapter.workers import ForwarderWaker, Workers, bind, deprioritise_this_thread
 
 log = structlog.get_logger("homeward.app")
 
@@ -172,6 +172,10 @@ class App:
             self.admin.start()
         if self.audit_events is not None:
             self.audit_events.start()
+        if self.workers is not None:
+            # After the threads that must keep full priority have started (the store's writer, which
+            # holds the write turn, and the admin port): the ACK path in the workers comes first.
+            deprioritise_this_thread(self.settings.mllp.delivery_nice)
         forwarder = asyncio.create_task(self.forwarder.run())
         retention = asyncio.create_task(self.purge_loop())
         checkpoints = asyncio.create_task(self.checkpoint_loop())

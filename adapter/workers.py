@@ -13,12 +13,14 @@ the audit chain is extended inside each commit from the last record stored.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import structlog
@@ -49,6 +51,11 @@ class Workers:
         self.config = config
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stopping = False
+        # Workers are started from a thread of their own, made now: on Linux a nice value belongs to a
+        # thread and a child inherits its parent thread's, so a worker restarted after the event loop
+        # thread lowered its priority (deprioritise_this_thread) still runs at full priority.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-spawner")
+        self._spawner.submit(lambda: None).result()
 
     @property
     def alive(self) -> int:
@@ -64,7 +71,7 @@ class Workers:
         return proc
 
     def start(self) -> None:
-        self.procs = [self._start_one() for _ in range(self.count)]
+        self.procs = [self._spawner.submit(self._start_one).result() for _ in range(self.count)]
 
     async def supervise(self) -> None:
         """Restart a worker that exits while serving (logged as an error with its exit status)."""
@@ -77,7 +84,7 @@ class Workers:
                 log.error("mllp.worker_exited", pid=proc.pid, status=status)
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
                 if not self._stopping:
-                    self.procs[i] = self._start_one()
+                    self.procs[i] = await asyncio.get_running_loop().run_in_executor(self._spawner, self._start_one)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each finishes the frame it is handling), then wait; kill after `grace` + 5 s."""
@@ -94,6 +101,20 @@ class Workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         self.sock.close()
+        self._spawner.shutdown(wait=False)
+
+
+def deprioritise_this_thread(nice: int) -> None:
+    """Give the calling thread (Linux: only this thread; threads it starts later inherit it) the nice
+    value `nice`: raising one's own nice value needs no privilege."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:  # a refusal costs the ACK path its head start, not the service
+        log.warning("mllp.delivery_nice_failed", error=type(exc).__name__)
+        return
+    log.info("mllp.delivery_nice", nice=nice)
 
 
 class ForwarderWaker:
