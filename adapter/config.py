@@ -7,6 +7,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -202,6 +203,16 @@ class MappingSettings(_Section):
     # from the feed against its FHIR datatype); the tests prove on every golden case and on generated
     # messages that such bundles pass full validation. See README "Design notes".
     validation: Literal["full", "datatypes"] = "datatypes"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        # Checked here so a misspelt zone stops start-up naming the key, not the first message with a traceback.
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"'{value}' is not an IANA time zone name (e.g. Europe/London)") from exc
+        return value
 
 
 class Hl7Settings(_Section):

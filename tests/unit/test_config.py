@@ -43,6 +43,13 @@ class TestSettings:
         with pytest.raises(ConfigError, match=r"mllp\.port \(from HOMEWARD_MLLP_PORT\)"):
             Settings.load(None, environ={"HOMEWARD_MLLP_PORT": "not-a-port"})
 
+    def test_time_zone_defaults_to_london_and_a_bad_one_is_refused(self) -> None:
+        """mapping.timezone is Europe/London unless set; a name that is not an IANA zone stops start-up naming the key."""
+        assert Settings.load(None, environ={}).mapping.timezone == "Europe/London"
+        assert Settings.load(None, environ={"HOMEWARD_MAPPING_TIMEZONE": "UTC"}).mapping.timezone == "UTC"
+        with pytest.raises(ConfigError, match=r"mapping\.timezone \(from HOMEWARD_MAPPING_TIMEZONE\).*Europe/Londn"):
+            Settings.load(None, environ={"HOMEWARD_MAPPING_TIMEZONE": "Europe/Londn"})
+
     def test_unknown_key_in_toml_is_refused(self, tmp_path: Path) -> None:
         """A misspelt key in the TOML file stops start-up, naming the key and the file."""
         toml = tmp_path / "h.toml"

@@ -264,6 +264,20 @@ class TestContentRules:
         winter = resources(map_case("ADT_A03/basic", mappings), "Encounter")[0]["resource"]["period"]
         assert summer["end"] == "2026-07-15T10:15:00+01:00" and winter["end"] == "2026-11-24T10:15:00+00:00"
 
+    @pytest.mark.parametrize(
+        ("wall_clock", "written"),
+        [
+            ("20261025013000", "2026-10-25T01:30:00+01:00"),  # 01:30 happens twice as clocks go back: the first (BST)
+            ("20260329013000", "2026-03-29T01:30:00+00:00"),  # 01:30 never happens as clocks go forward: read as GMT
+            ("20260329023000", "2026-03-29T02:30:00+01:00"),  # just after the change: BST
+        ],
+        ids=["clocks-back", "clocks-forward-gap", "after-clocks-forward"],
+    )
+    def test_the_nights_the_clocks_change(self, mappings: MappingSet, wall_clock: str, written: str) -> None:
+        """A wall-clock PV1-45 on a change-over night in London gets one definite offset, never an error or a guess that varies."""
+        text = (GOLDEN / "ADT_A03/basic.hl7").read_text(encoding="utf-8").replace("|20261124101500", f"|{wall_clock}")
+        assert resources(map_text(text, mappings), "Encounter")[0]["resource"]["period"]["end"] == written
+
     def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
         """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
         plan = resources(map_case("ADT_A03/v26_full", mappings), "CarePlan")[0]["resource"]
