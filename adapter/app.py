@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import socket
 import time
 
 import structlog
@@ -18,16 +16,15 @@ from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.errors import ConfigError, StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
-from adapter.intake import Intake, IntakeOptions
+from adapter.intake import Intake
 from adapter.mapping.loader import load_mappings
 from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
-from adapter.mllp.allow import AllowList
-from adapter.mllp.server import MllpServer, server_ssl_context
+from adapter.mllp.server import MllpServer
 from adapter.store import open_store
 from adapter.store.base import Actor
 from adapter.targets import build_targets
-from adapter.workers import ForwarderWaker, Workers, bind
+from adapter.workers import Workers, bind, deprioritise_this_thread, intake_options, mllp_server
 
 log = structlog.get_logger("homeward.app")
 
@@ -39,17 +36,17 @@ CHECKPOINT_INTERVAL_SECONDS = 3600.0
 class App:
     """One running adapter: listener + forwarder over one store.
 
-    With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py)
-    and this process runs the forwarder; a worker is an App given `intake_sock`, the shared socket.
+    With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py,
+    run_worker) and this process runs the forwarder.
     """
 
-    def __init__(self, settings: Settings, *, intake_sock: socket.socket | None = None, config: str | None = None):
+    def __init__(self, settings: Settings, *, config: str | None = None):
         self.settings = settings
-        self.role = "intake" if intake_sock is not None else "forwarder" if settings.mllp.workers else "all"
+        self.role = "forwarder" if settings.mllp.workers else "all"
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        # Only the process that runs the forwarder releases the claims a crash left behind.
-        self.store = open_store(settings, serving=self.role != "intake", audit_keys=self.audit_keys)
+        # This process runs the forwarder, so it releases the claims a crash left behind.
+        self.store = open_store(settings, serving=True, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         unknown = named_targets(self.mappings.site.routing) - set(self.targets)
         if unknown:
@@ -67,30 +64,19 @@ class App:
             policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
             audit_events=self.audit_events,
         )
-        options = IntakeOptions(
-            timezone=settings.mapping.timezone,
-            validation=settings.mapping.validation,
-            strict=settings.hl7.strict,
-            fallback_charset=settings.hl7.fallback_charset,
-            allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
-        )
-        on_accepted = ForwarderWaker(os.getppid()) if self.role == "intake" else self.forwarder.wake
-        self.intake = Intake(self.store, self.mappings, options, on_accepted=on_accepted, audit_keys=self.audit_keys)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":
             self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
         else:
-            self.server = MllpServer(
-                self.intake,
-                settings.mllp.host,
-                settings.mllp.port,
-                max_frame_bytes=settings.mllp.max_frame_bytes,
-                idle_timeout=settings.mllp.idle_timeout_seconds,
-                ssl_context=server_ssl_context(settings.mllp),
-                max_connections=settings.mllp.max_connections,
-                sock=intake_sock,
+            intake = Intake(
+                self.store,
+                self.mappings,
+                intake_options(settings),
+                on_accepted=self.forwarder.wake,
+                audit_keys=self.audit_keys,
             )
+            self.server = mllp_server(settings, intake)
         self.admin: AdminServer | None = None
         if settings.admin.port is not None:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
@@ -150,9 +136,6 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        if self.role == "intake":
-            await self._run_intake()
-            return
         tasks = []
         if self.server is not None:
             await self.server.start()
@@ -172,6 +155,10 @@ class App:
             self.admin.start()
         if self.audit_events is not None:
             self.audit_events.start()
+        if self.workers is not None:
+            # After the threads that must keep full priority have started (the store's writer, which
+            # holds the write turn, and the admin port): the ACK path in the workers comes first.
+            deprioritise_this_thread(self.settings.mllp.delivery_nice)
         forwarder = asyncio.create_task(self.forwarder.run())
         retention = asyncio.create_task(self.purge_loop())
         checkpoints = asyncio.create_task(self.checkpoint_loop())
@@ -206,11 +193,3 @@ class App:
             log.info("audit.checkpoint", seq=seq, hash=head_hash)
         self.store.close()
         log.info("homeward.stopped")
-
-    async def _run_intake(self) -> None:
-        """An intake worker: listen on the shared socket until SIGTERM, finish the frames in hand, close."""
-        assert self.server is not None
-        await self.server.start()
-        await self._stop.wait()
-        await self.server.stop(self.settings.mllp.shutdown_grace_seconds)
-        self.store.close()

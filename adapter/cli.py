@@ -37,13 +37,18 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from adapter.app import App
-
     settings = _settings(args)
     adapter_logging.configure(settings.log.format, settings.log.level)
-    # --intake-fd: started by a serve process with mllp.workers, to run the intake on its socket.
-    sock = socket.socket(fileno=args.intake_fd) if args.intake_fd is not None else None
-    app = App(settings, intake_sock=sock, config=None if args.config is None else str(args.config))
+    if args.intake_fd is not None:
+        # Started by a serve process with mllp.workers, to run the intake on its socket (and import
+        # nothing of the forwarder's).
+        from adapter.workers import run_worker
+
+        asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd)))
+        return 0
+    from adapter.app import App
+
+    app = App(settings, config=None if args.config is None else str(args.config))
     asyncio.run(app.run())
     return 0
 

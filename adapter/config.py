@@ -58,6 +58,10 @@ class MllpSettings(_Section):
     # store, ACK) while the serve process delivers, so the ACK path gets cores of its own.
     # max_connections then applies per worker.
     workers: int = Field(default=0, ge=0, le=32)
+    # With workers: the nice value of the serve process's event loop thread (the forwarder), so that
+    # when the cores are busy the ACK path, which a hospital waits on, comes first and delivery takes
+    # what is left (the outbox holds the difference). 0: equal shares. Raising it needs no privilege.
+    delivery_nice: int = Field(default=10, ge=0, le=19)
     # TLS on the listener: certificate and key (PEM). With tls_client_ca_file, mutual TLS: a client
     # must present a certificate signed by that CA.
     tls_cert_file: Path | None = None
