@@ -371,12 +371,26 @@ def _apply(
                 )
             if rule.template is not None and rule.into is not None:
                 result = fill(rule.template, rule.into, result)
+            if rule.unique and _already_there(target, rule.element, result):
+                continue
             set_path(target, rule.element, result, rule.info.is_list)
             if run.explain:
                 source = "(value)" if rule.source is None else location
                 if rule.vocabulary:
                     source = f"{source} via {rule.vocabulary}"
                 run.trace.append(TraceLine(f"{where}.{rule.element}", source, rule.origin))
+
+
+def _already_there(target: dict[str, Any], element: str, value: Any) -> bool:
+    """True when the list at `element` (a top-level element) holds `value`, or a concept with the same codes."""
+    existing = target.get(element, [])
+
+    def codes(item: Any) -> Any:
+        if isinstance(item, dict) and item.get("coding"):
+            return sorted((c.get("system", ""), c.get("code", "")) for c in item["coding"])
+        return item
+
+    return any(codes(item) == codes(value) for item in existing)
 
 
 def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str, where: str) -> Any:
