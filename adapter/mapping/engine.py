@@ -104,7 +104,10 @@ class _Run:
     def read(self, source: str, segment: Segment | None) -> tuple[list[Repetition], str]:
         """Repetitions at `source` ("PID-3", "PID-3.1", "OBX[3=DRD]-5"); components give one-component views."""
         seg_name, selector, parts = _parse_source(source)
-        seg = self.segment_for(seg_name, selector, segment)
+        if selector is None and segment is not None and segment.fields[0] == seg_name:
+            seg: Segment | None = segment  # the segment a `foreach` is on (segment_for, without the call)
+        else:
+            seg = self.segment_for(seg_name, selector, segment)
         if seg is None:
             return [], source
         self.used.add((seg_name, parts[0]))
