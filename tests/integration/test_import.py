@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import psycopg
@@ -34,11 +39,15 @@ def backlog(path: Path) -> Path:
     return path
 
 
-def run_import(tmp_path: Path, *files: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def homeward_env(tmp_path: Path, **env: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("HOMEWARD_")}
+    return {**base, "HOMEWARD_STORE": str(tmp_path / "store.sqlite3"), "HOMEWARD_LOG_FORMAT": "json", **env}
+
+
+def run_import(tmp_path: Path, *files: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "adapter", "import", "--state", str(tmp_path / "state.json"), *map(str, files)],
-        env={**base, "HOMEWARD_STORE": str(tmp_path / "store.sqlite3"), "HOMEWARD_LOG_FORMAT": "json", **env},
+        env=homeward_env(tmp_path, **env),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -104,3 +113,71 @@ class TestImport:
         assert f"{COUNT + 3 - 60} messages: 0 accepted, {COUNT - 60 + 1} duplicates" in replay.stdout
         with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
             assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == COUNT - 40 + 1
+
+    def test_json_summary_progress_bar_on_a_terminal_and_audit_chain(self, tmp_path: Path) -> None:
+        """--json gives the summary as data; on a terminal a progress bar runs to 100%; every message is audited."""
+        file = backlog(tmp_path / "backlog.hl7")
+        main, terminal = pty.openpty()  # stderr is a terminal, as when an operator runs the command
+        # 30 rows x 100 columns: a new pty is 0 x 0, on which tqdm draws a bar of nothing.
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        seen: list[bytes] = []
+
+        def drain() -> None:
+            while True:
+                try:
+                    data = os.read(main, 4096)
+                except OSError:  # EIO: the command ended and closed the terminal
+                    return
+                if not data:
+                    return
+                seen.append(data)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "adapter",
+                    "import",
+                    "--json",
+                    "--state",
+                    str(tmp_path / "state.json"),
+                    str(file),
+                ],
+                env=homeward_env(tmp_path),
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            os.close(terminal)
+            reader.join(10)
+            os.close(main)
+        assert result.returncode == 1  # one message was refused
+        (summary,) = json.loads(result.stdout)
+        assert summary["file"] == str(file) and summary["messages"] == COUNT + 3
+        assert summary["outcomes"] == {"accepted": COUNT, "duplicate": 1, "filtered": 1, "unrouted": 0, "refused": 1}
+        assert list(summary["refused_reasons"]) == ["102 at PID-7: not a real calendar date/time"]
+        # The position is just after the last message: a re-run reads only the BTS/FTS trailer.
+        trailer = len(f"BTS|{COUNT + 3}\r\nFTS|1\r\n")
+        assert summary["declared"] == COUNT + 3 and summary["position"] == file.stat().st_size - trailer
+        bar = b"".join(seen).decode(errors="replace")
+        assert "backlog.hl7: 100%|" in bar, repr(bar[-300:])
+
+        verified = subprocess.run(
+            [sys.executable, "-m", "adapter", "audit", "verify", "--json"],
+            env=homeward_env(tmp_path),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr
+        with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+            audited = conn.execute("SELECT count(DISTINCT inbound_id) FROM audit").fetchone()[0]
+            stored = conn.execute("SELECT count(*) FROM inbound").fetchone()[0]
+        assert audited == stored == COUNT + 3, "each message read, refused or a duplicate too, has its audit records"

@@ -8,6 +8,7 @@ chain must still verify.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -128,6 +129,17 @@ def test_two_instances_one_killed_lose_and_reorder_nothing(serve, httpserver: HT
     assert states == {"delivered": HOSPITALS * PER_HOSPITAL}
     checked, problem = chain.verify((chain.ChainRecord(*r) for r in records), chain.Head(*head))
     assert problem is None and checked == len(records)
+    # And the operator's own check, `homeward audit verify`, on the database both instances wrote.
+    verified = subprocess.run(
+        [sys.executable, "-m", "adapter", "audit", "verify", "--json"],
+        env={**serve_env(), "HOMEWARD_STORE_URL": postgres_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["checked"] == len(records)
 
 
 def serve_env() -> dict[str, str]:
