@@ -6,12 +6,15 @@ import fcntl
 import json
 import os
 import pty
+import re
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -181,3 +184,53 @@ class TestImport:
             audited = conn.execute("SELECT count(DISTINCT inbound_id) FROM audit").fetchone()[0]
             stored = conn.execute("SELECT count(*) FROM inbound").fetchone()[0]
         assert audited == stored == COUNT + 3, "each message read, refused or a duplicate too, has its audit records"
+
+    def test_killed_mid_import_a_rerun_finishes_with_nothing_twice(self, tmp_path: Path) -> None:
+        """SIGKILL after the first saved position; the same command again stores the rest, each message once."""
+        total = 1500
+        file = tmp_path / "big.hl7"
+        file.write_bytes(
+            b"".join(
+                adt(
+                    f"BIG-{i}",
+                    patient=i % 11,
+                    visit=f"V{i % 11}",
+                    evn=f"2026112{4 + i // 1440}{i % 1440 // 60:02d}{i % 60:02d}00",
+                )
+                for i in range(total)
+            )
+        )
+        state = tmp_path / "state.json"
+        command = [sys.executable, "-m", "adapter", "import", "--state", str(state), str(file)]
+        first = subprocess.Popen(command, env=homeward_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not state.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        assert first.returncode == -signal.SIGKILL, "the import was still running when killed"
+        saved = json.loads(state.read_text())[str(file.resolve())]
+        assert 0 < saved < file.stat().st_size
+        with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+            stored_before = conn.execute("SELECT count(*) FROM inbound WHERE outcome = 'accepted'").fetchone()[0]
+        assert 500 <= stored_before < total
+
+        again = subprocess.run(
+            command, env=homeward_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert again.returncode == 0, again.stderr
+        assert f"resumed at byte {saved}" in again.stdout
+        # Messages committed after the last save are read again and recognised as duplicates, nothing more.
+        counts = re.search(r"(\d+) messages: (\d+) accepted, (\d+) duplicates", again.stdout)
+        assert counts is not None, again.stdout
+        read, accepted, duplicates = map(int, counts.groups())
+        assert accepted == total - stored_before and duplicates == read - accepted
+        with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+            ids = [
+                r[0]
+                for r in conn.execute("SELECT message_control_id FROM inbound WHERE outcome = 'accepted' ORDER BY id")
+            ]
+            replayed = conn.execute("SELECT count(*) FROM inbound WHERE outcome = 'duplicate'").fetchone()[0]
+            outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        assert ids == [f"BIG-{i}" for i in range(total)], "each message stored once, in file order"
+        assert outbox == total and replayed == duplicates
