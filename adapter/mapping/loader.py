@@ -40,6 +40,7 @@ _RULE_KEYS = {
     "template",
     "into",
     "all_segments",
+    "unique",
     "note",
 }
 _NO_SITE = SiteConfig({}, "reject", {})
@@ -212,7 +213,11 @@ def _resource(
     for name in anchor:
         if name not in keys:
             raise ConfigError(f"{where}: anchor: '{name}' is not a resource key of this message")
-    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, profile, anchor)
+    anchor_fields = raw.get("anchor_fields", [])
+    if not isinstance(anchor_fields, list):
+        raise ConfigError(f"{where}: anchor_fields: expected a list of fields (e.g. [NK1-2.1, NK1-2.2])")
+    fields = tuple(location(f, f"{where}: anchor_fields[{i}]", site) for i, f in enumerate(anchor_fields))
+    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, profile, anchor, fields)
 
 
 def _rule(
@@ -304,4 +309,14 @@ def _rule(
         template=template,
         into=None if into is None else str(into),
         all_segments=bool(raw.get("all_segments", False)),
+        unique=_unique(raw, element, info.is_list, where),
     )
+
+
+def _unique(raw: dict[str, Any], element: str, is_list: bool, where: str) -> bool:
+    unique = raw.get("unique", False)
+    if not isinstance(unique, bool):
+        raise ConfigError(f"{where}: unique: expected true or false")
+    if unique and (not is_list or not element.isidentifier()):
+        raise ConfigError(f"{where}: unique: only for a repeating element of the resource itself (e.g. reasonCode)")
+    return unique

@@ -41,6 +41,9 @@ class Rule:
     template: dict[str, Any] | None = None
     into: str | None = None
     all_segments: bool = False  # read the field from every segment of that name (each DG1, each NTE)
+    # Leave out a value the list already holds (the same codes when it has a coding): PV2-3 and a DG1
+    # often give the same diagnosis, and the council should read it once.
+    unique: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +81,11 @@ class ResourceMap:
     when: Condition | None = None
     identity: tuple[str, ...] = ()  # site system names to conditionally update on, in preference order
     profile: str | None = None
-    # Without an identity, the id derives from these resources' ids (keys) and the occurrence number,
-    # so the same next of kin gets the same id from every event.
+    # Without an identity, the id derives from these resources' ids (keys) and from the values of
+    # `anchor_fields` (the next of kin's name), else the occurrence number, so the same next of kin
+    # gets the same id from every event.
     anchor: tuple[str, ...] = ()
+    anchor_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,6 +148,27 @@ class TestLifeCycle:
             "Provenance",
         ]
 
+    def test_next_of_kin_keep_their_resources_whatever_the_order(self, mappings: MappingSet) -> None:
+        """NK1s sent in another order, with a new one first, still update the same RelatedPerson each (keyed by NK1-2)."""
+        text = (GOLDEN / "ADT_A03/v26_full.hl7").read_text(encoding="utf-8")
+        lines = text.splitlines()
+        nk1 = [line for line in lines if line.startswith("NK1")]
+        others = [line for line in lines if not line.startswith("NK1")]
+        reordered = [*others[:4], "NK1|1|BROWN^PAT|FND^Friend", *nk1[::-1], *others[4:]]
+
+        def people(result: MapResult) -> dict[str, str]:
+            return {e["resource"]["name"][0]["family"]: e["request"]["url"] for e in resources(result, "RelatedPerson")}
+
+        before, after = people(map_text(text, mappings)), people(map_text("\n".join(reordered), mappings))
+        assert before.items() <= after.items() and set(after) == {"SMITH", "JONES", "BROWN"}
+
+    def test_the_same_name_twice_gives_two_resources(self, mappings: MappingSet) -> None:
+        """Two NK1s with one name (a father and son, say) are told apart by their place: two entries, distinct fullUrls."""
+        text = (GOLDEN / "ADT_A08/next_of_kin.hl7").read_text(encoding="utf-8")
+        (line,) = [line for line in text.splitlines() if line.startswith("NK1")]
+        result = map_text(text.replace(line, f"{line}\n{line.replace('NK1|1|', 'NK1|2|')}"), mappings)
+        assert len({e["fullUrl"] for e in resources(result, "RelatedPerson")}) == 2
+
     def test_admission_transfer_leave_and_cancel_move_one_encounter(self, mappings: MappingSet) -> None:
         """A01 -> A02 -> A21 -> A22 -> A12 -> A11 of one visit update one Encounter: location, leave, back, error."""
         cases = [
@@ -278,7 +299,12 @@ class TestContentRules:
         text = (GOLDEN / "ADT_A03/basic.hl7").read_text(encoding="utf-8").replace("|20261124101500", f"|{wall_clock}")
         assert resources(map_text(text, mappings), "Encounter")[0]["resource"]["period"]["end"] == written
 
-    def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
+    def test_a_reason_given_twice_is_sent_once(self, mappings: MappingSet) -> None:
+        """PV2-3 delirium (SNOMED 2776000 via the code table) and a DG1 with the same code: one reasonCode, then the ICD-10 one."""
+        referral = resources(map_case("ADT_A03/v26_full", mappings), "ServiceRequest")[0]["resource"]
+        codes = [(c["coding"][0]["system"], c["coding"][0]["code"]) for c in referral["reasonCode"]]
+        assert codes == [("http://snomed.info/sct", "2776000"), ("http://hl7.org/fhir/sid/icd-10", "F05.9")]
+
         """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
         plan = resources(map_case("ADT_A03/v26_full", mappings), "CarePlan")[0]["resource"]
         codes = [a["detail"]["code"]["coding"][0]["code"] for a in plan["activity"][1:]]
@@ -497,6 +523,16 @@ class TestStartupValidation:
         ("file", "change", "expected"),
         [
             (
+                "segments/Referral-ServiceRequest.yaml",
+                lambda d: d["rules"][1].update(unique=True),  # intent: one value
+                "Referral-ServiceRequest.yaml: rules[1]: unique: only for a repeating element",
+            ),
+            (
+                "messages/ADT_A03.yaml",
+                lambda d: d["resources"][5].update(anchor_fields=["NK12"]),
+                "ADT_A03.yaml: resources[5]: anchor_fields[0]",
+            ),
+            (
                 "vocabulary/DischargeDestination.yaml",
                 lambda d: d.update(unmapped="guess"),
                 "DischargeDestination.yaml: unmapped: expected error | default | omit | text",
@@ -528,6 +564,8 @@ class TestStartupValidation:
             ),
         ],
         ids=[
+            "unique-on-a-single-element",
+            "anchor-field",
             "unmapped-policy",
             "default-not-in-map",
             "entry-without-code",
