@@ -120,6 +120,29 @@ class TestPostgresSharedDatabase:
         run(scenario())
         assert one.query("SELECT count(*) FROM outbox")[0][0] == 10
 
+    def test_one_visit_written_by_three_instances_is_delivered_in_acknowledgement_order(
+        self, pg_instances: Any
+    ) -> None:
+        """A visit's messages accepted in turn by different instances come out one at a time, oldest first, to any claimer."""
+        stores = [pg_instances(), pg_instances(), pg_instances()]
+
+        async def scenario() -> None:
+            for n in range(9):  # the load balancer hands each message to the next instance
+                await stores[n % 3].accept(record(f"V{n}"), delivery("visit-x", str(n)), {})
+                await stores[(n + 1) % 3].accept(record(f"W{n}"), delivery("visit-y", str(n)), {})
+            delivered: dict[str, list[int]] = {"visit-x": [], "visit-y": []}
+            for turn in range(9):
+                claimer = stores[(turn * 2) % 3]  # a different instance claims each time
+                claimed = await claimer.claim_due(NOW, 10, 60)
+                assert sorted(i.ordering_key for i in claimed) == ["visit-x", "visit-y"]  # one per visit, never two
+                assert await stores[(turn * 2 + 1) % 3].claim_due(NOW, 10, 60) == []  # held, the rest waits
+                for item in claimed:
+                    delivered[item.ordering_key].append(int(item.bundle))
+                    await claimer.mark_delivered(item, NOW, {"status": 200})
+            assert delivered == {"visit-x": list(range(9)), "visit-y": list(range(9))}
+
+        run(scenario())
+
     def test_unreachable_database_is_store_unavailable(self) -> None:
         """A URL nothing listens on raises StoreUnavailable, which intake turns into AE 207."""
         with pytest.raises(StoreUnavailable):
