@@ -27,6 +27,7 @@ from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
     Actor,
+    AttemptOutcome,
     AuditEntry,
     Delivery,
     DeliveryRecord,
@@ -302,60 +303,31 @@ class SqliteStore:
         return await self._guarded(op)  # type: ignore[no-any-return]
 
     async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
-        def op(conn: sqlite3.Connection) -> OutboxItem | None:
-            row = conn.execute(NEXT_SQL, (item.target, item.ordering_key)).fetchone()
-            # NEXT_SQL reads the key's oldest pending row: if `item` is still pending, that is `item` itself.
-            if row is None or row[0] == item.id or row[-2] > now or row[-1] > now:
-                return None
-            conn.execute("UPDATE outbox SET claimed_until = ? WHERE id = ?", (now + lease_seconds, row[0]))
-            return _item(row)
+        return await self._guarded(lambda conn: _claim_next(conn, item, now, lease_seconds))  # type: ignore[no-any-return]
+
+    async def record_outcomes(
+        self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
+    ) -> list[OutboxItem | None]:
+        def op(conn: sqlite3.Connection) -> list[OutboxItem | None]:
+            _apply_outcomes(conn, outcomes, now)
+            return [_claim_next(conn, o.item, now, lease_seconds) if o.frees_key else None for o in outcomes]
 
         return await self._guarded(op)  # type: ignore[no-any-return]
 
-    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, claimed_until = 0,"
-                " last_error = '' WHERE id = ?",
-                (now, item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "delivered", detail)
+    async def _record_one(self, outcome: AttemptOutcome, now: float) -> None:
+        await self._guarded(lambda conn: _apply_outcomes(conn, [outcome], now))
 
-        await self._guarded(op)
+    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
+        await self._record_one(AttemptOutcome(item, "delivered", detail), now)
 
     async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?,"
-                " last_outcome = ? WHERE id = ?",
-                (next_attempt_at, reason, detail.get("outcome"), item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "retry_scheduled", detail)
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "retry_scheduled", detail, reason, next_attempt_at), time.time())
 
     async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?,"
-                " last_outcome = ? WHERE id = ?",
-                (reason, detail.get("outcome"), item.id),
-            )
-            # detail's own reason wins: `reason` (kept as last_error for people) may quote the server's
-            # words, and audit records outlive the retention purge.
-            _audit(conn, item.inbound_id, item.id, "dead_lettered", {"reason": reason, **detail})
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "dead_lettered", detail, reason), now)
 
     async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'stale', claimed_until = 0, last_error = ? WHERE id = ?",
-                (reason, item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "stale", {**detail, "reason": reason})
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "stale", detail, reason), now)
 
     async def latest_applied(self, target: str, visit_key: str) -> float | None:
         rows = await self._read(
@@ -614,6 +586,50 @@ def _record(row: sqlite3.Row) -> DeliveryRecord:
     )
 
 
+def _claim_next(conn: sqlite3.Connection, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+    """Claim the row after `item` in its (target, ordering_key), if `item` is no longer pending and it is due and free."""
+    row = conn.execute(NEXT_SQL, (item.target, item.ordering_key)).fetchone()
+    # NEXT_SQL reads the key's oldest pending row: if `item` is still pending, that is `item` itself.
+    if row is None or row[0] == item.id or row[-2] > now or row[-1] > now:
+        return None
+    conn.execute("UPDATE outbox SET claimed_until = ? WHERE id = ?", (now + lease_seconds, row[0]))
+    return _item(row)
+
+
+# Per audit stage: the outbox update an outcome makes, and its parameters.
+_OUTCOME_SQL: dict[str, tuple[str, Callable[[AttemptOutcome, float], tuple[Any, ...]]]] = {
+    "delivered": (
+        "UPDATE outbox SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, claimed_until = 0,"
+        " last_error = '' WHERE id = ?",
+        lambda o, now: (now, o.item.id),
+    ),
+    "retry_scheduled": (
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?,"
+        " last_outcome = ? WHERE id = ?",
+        lambda o, now: (o.next_attempt_at, o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "dead_lettered": (
+        "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?,"
+        " last_outcome = ? WHERE id = ?",
+        lambda o, now: (o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "stale": (
+        "UPDATE outbox SET state = 'stale', claimed_until = 0, last_error = ? WHERE id = ?",
+        lambda o, now: (o.reason, o.item.id),
+    ),
+}
+
+
+def _apply_outcomes(conn: sqlite3.Connection, outcomes: list[AttemptOutcome], now: float) -> None:
+    """Each outcome's row update and its audit record, in the caller's transaction (one executemany per kind)."""
+    by_stage: dict[str, list[tuple[Any, ...]]] = {}
+    for o in outcomes:
+        by_stage.setdefault(o.stage, []).append(_OUTCOME_SQL[o.stage][1](o, now))
+    for stage, params in by_stage.items():
+        conn.executemany(_OUTCOME_SQL[stage][0], params)
+    _audit_many(conn, [(o.item.inbound_id, o.item.id, o.stage, o.audit_detail()) for o in outcomes])
+
+
 def _insert_inbound(
     conn: sqlite3.Connection,
     record: InboundRecord,
@@ -665,15 +681,24 @@ def _audit(
     detail: dict[str, Any],
 ) -> None:
     """Append one chained audit record in the caller's transaction."""
-    at = time.time()
-    text = chain.canonical_detail(detail)
+    _audit_many(conn, [(inbound_id, outbox_id, stage, detail)])
+
+
+def _audit_many(conn: sqlite3.Connection, records: list[tuple[int | None, int | None, str, dict[str, Any]]]) -> None:
+    """Append chained audit records in the caller's transaction: the chain's end is read once, one executemany."""
     row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
     prev = chain.Head(row[0], row[1]) if row else None
-    this = chain.link(prev, at, inbound_id, outbox_id, stage, text)
-    conn.execute(
+    rows = []
+    for inbound_id, outbox_id, stage, detail in records:
+        at = time.time()
+        text = chain.canonical_detail(detail)
+        this = chain.link(prev, at, inbound_id, outbox_id, stage, text)
+        rows.append((this.seq, at, inbound_id, outbox_id, stage, text, prev.hash if prev else chain.GENESIS, this.hash))
+        prev = this
+    conn.executemany(
         "INSERT INTO audit (id, at, inbound_id, outbox_id, stage, detail, prev_hash, hash)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (this.seq, at, inbound_id, outbox_id, stage, text, prev.hash if prev else chain.GENESIS, this.hash),
+        rows,
     )
 
 
