@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -29,6 +31,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(args.config)
 
 
+def _print_json(value: Any) -> None:
+    """--json: one JSON document on stdout, whatever the number of files, so a script can parse it."""
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from adapter.app import App
 
@@ -52,6 +59,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     mappings = load_mappings(settings.mapping.dir)
     tz = ZoneInfo(settings.mapping.timezone)
     failures = 0
+    results: list[dict[str, Any]] = []  # --json: one entry per file, failures included
     for name in args.files:
         try:
             message = parse(
@@ -63,22 +71,61 @@ def cmd_map(args: argparse.Namespace) -> int:
             validate_bundle(result.bundle)
         except OSError as exc:
             print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+            results.append({"file": name, "error": {"reason": f"cannot read: {exc.strerror}"}})
             failures += 1
             continue
         except InboundError as exc:
             where = f" at {exc.location}" if exc.location else ""
             print(f"{name}: {exc.ack_code.value} {exc.hl7_error_code}{where}: {exc.reason}", file=sys.stderr)
+            error = {
+                "ack_code": exc.ack_code.value,
+                "hl7_error_code": exc.hl7_error_code,
+                "location": exc.location,
+                "reason": exc.reason,
+            }
+            results.append({"file": name, "error": error})
             failures += 1
             continue
         if args.explain:
             from adapter.mapping.explain import explain
 
-            sys.stdout.write("\n".join([f"{name}:", *explain(message, result)]) + "\n")
+            lines = explain(message, result)
+            if args.json:
+                results.append({"file": name, "explain": lines})
+            else:
+                sys.stdout.write("\n".join([f"{name}:", *lines]) + "\n")
+            continue
+        if args.json:
+            results.append({"file": name, "bundle": result.bundle, "flags": result.flags})
             continue
         sys.stdout.write(orjson.dumps(result.bundle, option=orjson.OPT_INDENT_2).decode() + "\n")
         for flag in result.flags:
             print(f"{name}: note: {flag}", file=sys.stderr)
+    if args.json:
+        _print_json(results)
     return 1 if failures else 0
+
+
+def ack_summary(ack: bytes) -> dict[str, Any]:
+    """The parts of an ACK a script needs: MSA-1, MSA-2, MSA-3, ERR-3 and ERR-8, and every segment."""
+    text = ack.decode("utf-8", "replace")
+    separator = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+    segments = [line for line in re.split(r"[\r\n]+", text) if line]
+    fields = {line[:3]: line.split(separator) for line in reversed(segments)}  # the first of each name wins
+
+    def field(segment: str, n: int) -> str | None:
+        values = fields.get(segment, [])
+        return values[n] if len(values) > n and values[n] else None
+
+    error_code = field("ERR", 3)
+    return {
+        "ack_code": field("MSA", 1),
+        "message_control_id": field("MSA", 2),
+        "text": field("MSA", 3),
+        "hl7_error_code": error_code.split("^")[0] if error_code else None,
+        "error": field("ERR", 8),
+        "segments": segments,
+    }
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -86,13 +133,19 @@ def cmd_send(args: argparse.Namespace) -> int:
     from adapter.mllp.client import MllpClient
 
     worst = 0
+    sent: list[dict[str, Any]] = []
     with MllpClient(args.host, args.port, timeout=args.timeout) as client:
         for name in args.files:
             text = Path(name).read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
             ack = client.send(text.strip(b"\r") + b"\r")
-            print(f"{name}: " + ack.decode("utf-8", "replace").replace("\r", "\n    ").rstrip())
+            if args.json:
+                sent.append({"file": name, **ack_summary(ack)})
+            else:
+                print(f"{name}: " + ack.decode("utf-8", "replace").replace("\r", "\n    ").rstrip())
             if b"MSA|AA" not in ack:
                 worst = 1
+    if args.json:
+        _print_json(sent)
     return worst
 
 
@@ -100,7 +153,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Create or update the store's schema (PostgreSQL: run once before starting the instances)."""
     from adapter.store import migrate
 
-    print(migrate(_settings(args)))
+    settings = _settings(args)
+    done = migrate(settings)
+    if args.json:
+        _print_json({"store": "postgresql" if settings.store.url else str(settings.store.path), "result": done})
+    else:
+        print(done)
     return 0
 
 
@@ -111,6 +169,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     mappings = load_mappings(settings.mapping.dir)
     target = "fhir server" if settings.fhir.base_url else f"directory {settings.outbox.dir}"
+    processed = sorted(e for e, a in mappings.site.events.items() if a == "process")
+    routing = mappings.site.routing
+    if args.json:
+        summary: dict[str, Any] = {
+            "settings": "ok",
+            "mllp": f"{settings.mllp.host}:{settings.mllp.port}",
+            "store": "postgresql" if settings.store.url else str(settings.store.path),
+            "default_target": target,
+            "mappings": {
+                "dir": str(settings.mapping.dir),
+                "message_maps": len(mappings.messages),
+                "datatype_maps": len(mappings.datatypes),
+                "code_tables": len(mappings.vocabularies),
+            },
+            "events_processed": processed,
+            "unknown_events": mappings.site.unknown_events,
+            "routes": [{"name": r.name, "targets": list(r.targets)} for r in routing.routes],
+            "unrouted_targets": list(routing.unrouted_targets),
+        }
+        if args.env:
+            summary["env"] = {name: f"{section}.{key}" for name, (section, key) in sorted(env_names().items())}
+        _print_json(summary)
+        return 0
     print(
         f"settings: ok (mllp {settings.mllp.host}:{settings.mllp.port}, store {settings.store.path}, target {target})"
     )
@@ -118,9 +199,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"mappings: ok ({settings.mapping.dir}: {len(mappings.messages)} message maps, "
         f"{len(mappings.datatypes)} datatype maps, {len(mappings.vocabularies)} code tables)"
     )
-    processed = sorted(e for e, a in mappings.site.events.items() if a == "process")
     print(f"events processed: {', '.join(processed) or 'none'}; others: {mappings.site.unknown_events}")
-    routing = mappings.site.routing
     unrouted = ", ".join(routing.unrouted_targets) or "kept as unrouted, delivered nowhere"
     names = ", ".join(f"{r.name} -> {'/'.join(r.targets)}" for r in routing.routes) or "none"
     print(f"routing: {names}; no match: {unrouted}")
@@ -136,6 +215,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     validator = Validator(args.conformance)
     worst = 0
+    results: list[dict[str, Any]] = []  # --json: one entry per file
+
+    def failed(name: str, reason: str) -> None:
+        if args.json:
+            results.append({"file": name, "valid": False, "error": reason})
+        else:
+            print(f"{name}: {reason}")
+
     for name in args.files:
         if args.from_hl7:
             from adapter.hl7.parse import parse
@@ -149,8 +236,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     message, load_mappings(settings.mapping.dir), ZoneInfo(settings.mapping.timezone)
                 ).bundle
             except InboundError as exc:
-                print(
-                    f"{name}: cannot map: {exc.ack_code.value} {exc.hl7_error_code} at {exc.location or '-'}: {exc.reason}"
+                failed(
+                    name,
+                    f"cannot map: {exc.ack_code.value} {exc.hl7_error_code} at {exc.location or '-'}: {exc.reason}",
                 )
                 worst = 1
                 continue
@@ -158,19 +246,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
             try:
                 data = orjson.loads(Path(name).read_bytes())
             except orjson.JSONDecodeError as exc:
-                print(f"{name}: not JSON ({exc})")
+                failed(name, f"not JSON ({exc})")
                 worst = 1
                 continue
         issues = validator.validate(data)
         errors = [i for i in issues if i.severity == "error"]
+        kind = data.get("resourceType", "?") if isinstance(data, dict) else "?"
+        if errors:
+            worst = 1
+        if args.json:
+            results.append(
+                {
+                    "file": name,
+                    "resourceType": kind,
+                    "valid": not errors,
+                    "errors": len(errors),
+                    "warnings": len(issues) - len(errors),
+                    "issues": [dataclasses.asdict(i) for i in issues],
+                }
+            )
+            continue
         for issue in issues:
             print(f"{name}: {issue}")
-        kind = data.get("resourceType", "?") if isinstance(data, dict) else "?"
         print(
             f"{name}: {kind}: {'invalid' if errors else 'valid'} ({len(errors)} errors, {len(issues) - len(errors)} warnings)"
         )
-        if errors:
-            worst = 1
+    if args.json:
+        _print_json(results)
     return worst
 
 
@@ -227,8 +329,11 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     report = suite.report
-    print(report.table())
-    report.write(args.json, args.junit)
+    if args.json == Path("-"):  # the report as JSON on stdout instead of the table
+        _print_json(report.to_json())
+    else:
+        print(report.table())
+    report.write(None if args.json == Path("-") else args.json, args.junit)
     return 0 if report.ok else 1
 
 
@@ -250,18 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of the bundle, show which rule set each element and which fields no rule read",
     )
+    mapper.add_argument(
+        "--json", action="store_true", help="one JSON list: per file the bundle and notes, or the error, or --explain"
+    )
     mapper.add_argument("files", nargs="+")
     mapper.set_defaults(func=cmd_map)
     send = sub.add_parser("send", help="send HL7 file(s) over MLLP and print each ACK")
     send.add_argument("--host", default="127.0.0.1")
     send.add_argument("--port", type=int, default=2575)
     send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--json", action="store_true", help="print JSON (MSA and ERR fields of each ACK)")
     send.add_argument("files", nargs="+")
     send.set_defaults(func=cmd_send)
     migrate = with_config(sub.add_parser("migrate", help="create or update the store's schema"))
+    migrate.add_argument("--json", action="store_true", help="print JSON")
     migrate.set_defaults(func=cmd_migrate)
     check = with_config(sub.add_parser("check-config", help="validate settings and mapping files"))
     check.add_argument("--env", action="store_true", help="also list every HOMEWARD_* variable")
+    check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_check_config)
     validate = with_config(
         sub.add_parser("validate", help="validate FHIR JSON, or HL7 files mapped, against R4 and Homeward's profiles")
@@ -270,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--conformance", type=Path, default=CONFORMANCE_DIR, help="folder with the profiles (default: %(default)s)"
     )
+    validate.add_argument("--json", action="store_true", help="print JSON: per file, validity and every issue")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
     conf = with_config(
@@ -290,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--load-profiles", action="store_true", help="PUT Homeward's StructureDefinitions first")
     conf.add_argument("--keep", action="store_true", help="do not delete the test resources afterwards")
     conf.add_argument("--junit", type=Path, help="write a JUnit XML report here")
-    conf.add_argument("--json", type=Path, help="write a JSON report here")
+    conf.add_argument("--json", type=Path, help="write a JSON report here (- : on stdout, instead of the table)")
     conf.add_argument(
         "--conformance", type=Path, default=CONFORMANCE_DIR, help="folder with the requirements and profiles"
     )

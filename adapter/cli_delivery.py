@@ -81,6 +81,8 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
     rec, trail = _with_store(settings, work)
     if rec is None:
+        if args.json:  # still one JSON document on stdout, as `audit show` prints [] for an unknown MSH-10
+            _print_json(None)
         print(f"homeward: no delivery with id {args.id}", file=sys.stderr)
         return 1
     data = _as_json(rec)

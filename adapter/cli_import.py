@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from adapter import logging as adapter_logging
 from adapter.audit.keys import load_keys
@@ -43,17 +46,38 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     positions = Positions(args.state)
     window = 1 if settings.store.url else SQLITE_WINDOW
     worst = 0
+    summaries: list[dict[str, Any]] = []  # --json: one entry per file, printed at the end
     try:
         for name in args.files:
             summary = asyncio.run(_one(intake, Path(name), positions, window, progress=not args.no_progress))
-            print("\n".join(summary.lines(name)))
+            if args.json:
+                summaries.append(_as_json(name, summary))
+            else:
+                print("\n".join(summary.lines(name)))
             if summary.stopped:
-                return 1
+                worst = 1
+                break
             if summary.outcomes["refused"]:
                 worst = 1
     finally:
         store.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summaries, option=orjson.OPT_INDENT_2).decode() + "\n")
     return worst
+
+
+def _as_json(name: str, summary: Summary) -> dict[str, Any]:
+    outcomes = {k: summary.outcomes[k] for k in ("accepted", "duplicate", "filtered", "unrouted", "refused")}
+    return {
+        "file": name,
+        "messages": summary.total,
+        "outcomes": outcomes,
+        "refused_reasons": dict(summary.reasons.most_common()),
+        "declared": summary.declared,
+        "resumed_from": summary.resumed_from,
+        "position": summary.position,
+        "stopped": summary.stopped or None,
+    }
 
 
 async def _one(intake: Intake, file: Path, positions: Positions, window: int, *, progress: bool) -> Summary:
@@ -89,4 +113,5 @@ def add_parser(
         help="where the position reached in each file is kept (a second run resumes from it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
     p.set_defaults(func=lambda args: cmd_import(args, settings_of(args)))

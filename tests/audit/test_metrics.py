@@ -172,3 +172,66 @@ def test_readyz_names_what_is_wrong(tmp_path: Path) -> None:
     finally:
         app.admin.stop()
         app.store.close()
+
+
+def test_metrics_during_an_outage_and_after(serve, httpserver: HTTPServer) -> None:  # type: ignore[no-untyped-def]
+    """While the council answers 503, queue depth and the oldest undelivered age grow and failures are counted by
+    status; once it recovers everything is delivered and the gauges fall back to 0."""
+    from tests.council import Council
+    from tests.integration.test_delivery import adt, send
+
+    council = Council(httpserver)
+    down = {"on": True}
+    council.fail = lambda cid, attempt: (503, {}, None) if down["on"] else None
+    admin = free_port()
+    process = serve(
+        HOMEWARD_FHIR_BASE_URL=council.url,
+        HOMEWARD_ADMIN_PORT=str(admin),
+        HOMEWARD_RETRY_INITIAL_SECONDS="0.05",
+        HOMEWARD_RETRY_MAX_SECONDS="0.3",
+    )
+    messages = [adt(f"OUTM-{n}", patient=n, visit=f"VO{n}") for n in range(5)]
+    assert send(process.port, *messages) == ["AA"] * 5
+    labels = (("event", "ADT^A03"), ("target", "default"))
+
+    def backlog() -> dict | None:  # type: ignore[type-arg]
+        m = scrape(admin)
+        failed = m.get(("homeward_delivery_failures_total", (*labels[:1], ("status", "503"), labels[1])), 0)
+        oldest = m[("homeward_oldest_undelivered_age_seconds", (("target", "default"),))]
+        return m if failed >= 10 and oldest >= 1.0 else None
+
+    m = wait_for(backlog)
+    assert m[("homeward_queue_depth", (("target", "default"),))] == 5
+    assert m.get(("homeward_messages_delivered_total", labels), 0) == 0
+    assert m.get(("homeward_messages_dead_lettered_total", labels), 0) == 0
+    assert m[("homeward_messages_acked_total", (("code", "AA"), ("event", "ADT^A03")))] == 5
+    # Every failed attempt was timed too.
+    failures = m[("homeward_delivery_failures_total", (("event", "ADT^A03"), ("status", "503"), ("target", "default")))]
+    assert m[("homeward_delivery_latency_seconds_count", (("target", "default"),))] >= failures
+
+    down["on"] = False
+    after = wait_for(lambda: (m := scrape(admin)).get(("homeward_messages_delivered_total", labels)) == 5 and m)
+    assert sorted(council.applied) == sorted(f"OUTM-{n}" for n in range(5))
+    assert after[("homeward_queue_depth", (("target", "default"),))] == 0
+    assert after[("homeward_oldest_undelivered_age_seconds", (("target", "default"),))] == 0
+    assert after[("homeward_dead_letters", (("target", "default"),))] == 0
+    assert after[("homeward_delivery_latency_seconds_count", (("target", "default"),))] == len(council.posts)
+
+
+def test_readyz_fails_while_the_store_cannot_commit(serve) -> None:  # type: ignore[no-untyped-def]
+    """A running serve whose SQLite file another process holds locked answers /readyz 503, and 200 once released."""
+    import sqlite3
+
+    admin = free_port()
+    process = serve(HOMEWARD_ADMIN_PORT=str(admin))
+    wait_for(lambda: _up(admin))
+    locker = sqlite3.connect(process.env["HOMEWARD_STORE"], isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        status, text = get(f"http://127.0.0.1:{admin}/readyz")
+        assert status == 503 and text.startswith("store not writable")
+        assert get(f"http://127.0.0.1:{admin}/healthz") == (200, "ok\n")  # alive, only not ready
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert get(f"http://127.0.0.1:{admin}/readyz") == (200, "ready\n")

@@ -233,3 +233,39 @@ def test_timelines_of_the_other_outcomes(serve, httpserver: HTTPServer) -> None:
     ]  # fmt: skip
     assert fixed[4]["detail"] == {"actor": "on-call", "why": "fixed"}
     assert fixed[5]["outbox_id"] == fixed[3]["outbox_id"]  # the same delivery, retried
+
+
+def test_bulk_actions_audit_every_message(serve, httpserver: HTTPServer) -> None:  # type: ignore[no-untyped-def]
+    """`dead-letters retry --all` and `replay --since` write one record per message they touch, with who and why."""
+    from tests.council import Council, outcome
+    from tests.integration.test_delivery import FAST_RETRY, adt, homeward, homeward_json, send, wait_until
+
+    council = Council(httpserver)
+    refusing = {"BULK-1", "BULK-2"}
+    council.fail = lambda cid, attempt: (422, {}, outcome("no")) if cid in refusing else None
+    process = serve(HOMEWARD_FHIR_BASE_URL=council.url, **FAST_RETRY)
+    assert send(process.port, *(adt(f"BULK-{n}", patient=n, visit=f"VB{n}") for n in (1, 2, 3))) == ["AA"] * 3
+    process.wait_for_log("message.dead_lettered", count=2)
+    wait_until(lambda: council.applied == ["BULK-3"], what="BULK-3 delivered")
+
+    def show(control_id: str) -> list[dict]:  # type: ignore[type-arg]
+        return homeward_json(process, "audit", "show", control_id)  # type: ignore[no-any-return]
+
+    refusing.clear()
+    retried = homeward_json(process, "dead-letters", "retry", "--all", "--by", "on-call", "--reason", "fixed")
+    assert len(retried["retried"]) == 2 and retried["not_dead_letters"] == []
+    wait_until(lambda: sorted(council.applied) == ["BULK-1", "BULK-2", "BULK-3"], what="retried ones delivered")
+    for control_id in ("BULK-1", "BULK-2"):
+        trail = wait_for(lambda c=control_id: (s := show(c)) and s[-1]["stage"] == "delivered" and s)
+        (action,) = [r for r in trail if r["stage"] == "dead_letter_retried"]
+        assert action["detail"] == {"actor": "on-call", "why": "fixed"}
+
+    replayed = homeward_json(process, "replay", "--since", "2000-01-01", "--by", "dpo", "--reason", "restore")
+    assert len(replayed["queued"]) == 3
+    wait_until(lambda: len(council.applied) == 6, what="replay drained")
+    for control_id in ("BULK-1", "BULK-2", "BULK-3"):
+        trail = wait_for(lambda c=control_id: (s := show(c)) and s[-1]["stage"] == "delivered" and s[-2:])
+        assert trail[0]["stage"] == "replayed" and trail[0]["outbox_id"] in replayed["queued"]
+        assert {k: trail[0]["detail"][k] for k in ("actor", "why")} == {"actor": "dpo", "why": "restore"}
+    verified = homeward(process, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr

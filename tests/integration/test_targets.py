@@ -315,6 +315,43 @@ class TestModes:
         Bundle.model_validate(first)  # a valid R4 message Bundle
 
 
+class TestClassification:
+    @pytest.mark.parametrize(
+        ("status", "retryable"),
+        [(408, True), (425, True), (429, True), (500, True), (502, True), (503, True), (504, True),
+         (400, False), (403, False), (404, False), (409, False), (412, False), (422, False)],
+    )  # fmt: skip
+    def test_status_codes(self, httpserver: HTTPServer, status: int, retryable: bool) -> None:
+        """408, 425, 429 and 5xx are retried; any other 4xx is permanent and keeps the server's OperationOutcome."""
+        problem = {"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "diagnostics": f"no {status}"}]}
+        httpserver.expect_request("/fhir", method="POST").respond_with_json(problem, status=status)
+        with pytest.raises(RetryableDelivery if retryable else PermanentDelivery) as failed:
+            deliver(fhir(httpserver), item(1))
+        assert failed.value.status == status and f"no {status}" in (failed.value.outcome or "")
+
+    def test_connection_refused_is_retryable(self) -> None:
+        """Nothing listening (the council's server is down): a transport error, retried."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again on leaving: nothing listens there
+        with pytest.raises(RetryableDelivery, match="transport error"):
+            deliver(TargetSettings(name="t", base_url=f"http://127.0.0.1:{port}/fhir"), item(1))
+
+    def test_read_timeout_is_retryable(self, httpserver: HTTPServer) -> None:
+        """A server slower than read_timeout_seconds: timed out, retried (the row is sent again later)."""
+        import time
+
+        def slow(request: Request) -> Response:
+            time.sleep(1.5)
+            return Response(json.dumps(OK), 200, content_type="application/fhir+json")
+
+        httpserver.expect_request("/fhir", method="POST").respond_with_handler(slow)
+        with pytest.raises(RetryableDelivery, match="timed out"):
+            deliver(fhir(httpserver, read_timeout_seconds=0.3), item(1))
+
+
 class TestTransport:
     def test_static_and_env_headers(self, httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("COUNCIL_API_KEY", "k-123")

@@ -53,6 +53,29 @@ def site_copy(tmp_path: Path, change: Any) -> Path:
     return root
 
 
+def _urls(result: MapResult, rtype: str) -> set[str]:
+    return {e["request"]["url"] for e in resources(result, rtype)}
+
+
+def _cycle_text(event: str) -> str:
+    return (GOLDEN / f"{event}/cycle.hl7").read_text(encoding="utf-8")
+
+
+def _as_a08(text: str, expected: str) -> str:
+    """The message as the A08 the PAS sends for the same visit (all its segments), with PV2-9 = `expected`."""
+    lines = []
+    for line in text.splitlines():
+        fields = line.split("|")
+        if fields[0] == "MSH":
+            fields[8], fields[9] = "ADT^A08^ADT_A01", "CYCLE-A08"
+        elif fields[0] == "EVN":
+            fields[1] = "A08"
+        elif fields[0] == "PV2":
+            fields[9] = expected
+        lines.append("|".join(fields))
+    return "\n".join(lines)
+
+
 class TestLifeCycle:
     def test_pending_discharge_cancel_move_the_same_resources(self, mappings: MappingSet) -> None:
         """A16 -> A03 -> A13 of one visit (PV1-19) update one Encounter, one referral and one CarePlan."""
@@ -83,6 +106,68 @@ class TestLifeCycle:
         plan = resources(cancelled, "CarePlan")[0]["resource"]
         assert plan["status"] == "revoked" and "period" not in plan
         assert {a["detail"]["status"] for a in plan["activity"] if "detail" in a} == {"cancelled"}
+
+    def test_update_moves_the_referral_to_a_changed_expected_date(self, mappings: MappingSet) -> None:
+        """A08 of a visit in discharge planning (ZDS sent): the A16's referral, same resource and content, dated with the new PV2-9."""
+        pending = map_case("ADT_A16/cycle", mappings)
+        update = map_text(_as_a08(_cycle_text("ADT_A16"), expected="20261127"), mappings)
+        assert _urls(update, "ServiceRequest") == _urls(pending, "ServiceRequest")
+        assert _urls(update, "Encounter") == _urls(pending, "Encounter")
+        before, after = (resources(r, "ServiceRequest")[0]["resource"] for r in (pending, update))
+        assert (before["occurrenceDateTime"], after["occurrenceDateTime"]) == ("2026-11-24", "2026-11-27")
+        for element in ("status", "category", "code", "orderDetail", "reasonCode", "performer", "extension"):
+            assert after[element] == before[element], element
+        encounter = resources(update, "Encounter")[0]["resource"]
+        assert encounter["status"] == "in-progress"
+        assert encounter["extension"][0]["valueDateTime"] == "2026-11-27"
+        assert resources(update, "CarePlan") == []  # A08 leaves the plan alone
+
+    def test_update_with_an_expected_date_alone_refers_nobody(self, mappings: MappingSet) -> None:
+        """A08 with PV2-9 but no discharge planning (no pathway): the Encounter's planned end moves, no referral is sent."""
+        text = "\n".join(line for line in _cycle_text("ADT_A16").splitlines() if not line.startswith("ZDS"))
+        update = map_text(_as_a08(text, expected="20261127"), mappings)
+        assert resources(update, "ServiceRequest") == []
+        assert resources(update, "Encounter")[0]["resource"]["extension"][0]["valueDateTime"] == "2026-11-27"
+
+    def test_update_after_discharge_keeps_the_actual_date(self, mappings: MappingSet) -> None:
+        """A08 sent after the A03 (PV1-45 present): the referral keeps the actual discharge time, as the A03 sent it."""
+        discharged = map_case("ADT_A03/cycle", mappings)
+        update = map_text(_as_a08(_cycle_text("ADT_A03"), expected="20261127"), mappings)
+        before, after = (resources(r, "ServiceRequest")[0]["resource"] for r in (discharged, update))
+        assert after["occurrenceDateTime"] == before["occurrenceDateTime"] == "2026-11-24T10:45:00+00:00"
+        assert resources(update, "Encounter")[0]["resource"]["status"] == "finished"
+
+    def test_admission_transfer_leave_and_cancel_move_one_encounter(self, mappings: MappingSet) -> None:
+        """A01 -> A02 -> A21 -> A22 -> A12 -> A11 of one visit update one Encounter: location, leave, back, error."""
+        cases = [
+            "ADT_A01/medical_admission",
+            "ADT_A02/transfer",
+            "ADT_A21/leave_out",
+            "ADT_A22/leave_return",
+            "ADT_A12/cancel_transfer",
+            "ADT_A11/cancel_admit",
+        ]
+        results = [map_case(case, mappings) for case in cases]
+        assert len({url for r in results for url in _urls(r, "Encounter")}) == 1
+        assert len({url for r in results for url in _urls(r, "Patient")}) == 1
+        states = [
+            (e["status"], [loc["location"]["display"] for loc in e["location"]])
+            for e in (resources(r, "Encounter")[0]["resource"] for r in results)
+        ]
+        assert states == [
+            ("in-progress", ["WARD7"]),
+            ("in-progress", ["WARD9"]),
+            ("onleave", ["WARD7"]),
+            ("in-progress", ["WARD7"]),
+            ("in-progress", ["WARD7"]),
+            ("entered-in-error", ["WARD7"]),
+        ]
+        # Only the cancellations touch the referral and the plan (both withdrawn); admission, move and leave do not.
+        touched = [
+            sorted({e["resource"]["resourceType"] for e in r.bundle["entry"]} & {"ServiceRequest", "CarePlan"})
+            for r in results
+        ]
+        assert touched == [[], [], [], [], ["CarePlan", "ServiceRequest"], ["CarePlan", "ServiceRequest"]]
 
     def test_cancel_transfer_returns_to_the_previous_location(self, mappings: MappingSet) -> None:
         """A12: the Encounter is in progress at PV1-3 (where the patient stays), not PV1-6 (the cancelled move); referral and plan revoked."""
@@ -137,6 +222,16 @@ class TestContentRules:
         assert social["resource"]["priority"] == "urgent"
         assert "home-stay" in json.dumps(social["resource"]["orderDetail"])
         assert resources(map_case("ADT_A04/registration", mappings), "ServiceRequest") == []
+
+    def test_the_social_admission_rule_is_site_data(self, tmp_path: Path) -> None:
+        """Edit rules.social_admission in site.yaml (here: chest pain) and that admission gets the urgent referral, no code change."""
+        root = site_copy(
+            tmp_path, lambda s: s["rules"].update(social_admission={"field": "@admit_reason", "equals": "chestpain"})
+        )
+        edited = load_mappings(root)
+        (referral,) = resources(map_case("ADT_A01/medical_admission", edited), "ServiceRequest")
+        assert referral["resource"]["priority"] == "urgent"
+        assert resources(map_case("ADT_A01/social_admission", edited), "ServiceRequest") == []
 
     @pytest.mark.parametrize(
         ("zone", "start", "end"),
@@ -242,6 +337,27 @@ class TestCodeTables:
             v.name for v in mappings.vocabularies.values() if not v.national_code_confirmed
         }
         assert mappings.vocabularies["ReferralReason"].unconfirmed == {"CARERBRK"}
+
+    def test_unmapped_error_policy_refuses_with_ae_103(self, tmp_path: Path) -> None:
+        """A table set to `unmapped: error` refuses a value it does not list: AE, ERR-3 103, ERR-2 the field; kept as refused."""
+        root = site_copy(tmp_path, lambda s: None)
+        table = root / "vocabulary" / "DischargeDestination.yaml"
+        data = yaml.safe_load(table.read_text())
+        data["unmapped"] = "error"
+        table.write_text(yaml.safe_dump(data))
+        mappings = load_mappings(root)
+        with pytest.raises(MappingError) as info:
+            map_case("ADT_A03/unknown_codes", mappings)
+        assert (info.value.location, info.value.hl7_error_code) == ("PV1-36", "103")
+        store = SqliteStore(tmp_path / "store.sqlite3")
+        try:
+            intake = Intake(store, mappings, IntakeOptions())
+            ack = ack_fields(asyncio.run(intake.frame(golden_message("ADT_A03/unknown_codes.hl7"), "test")))
+            assert (ack["MSA"][1], ack["ERR"][2], ack["ERR"][3].split("^")[0]) == ("AE", "PV1^1^36", "103")
+            assert "HOMEX" not in ack["ERR"][8]  # the reason names the field and the table, not the value
+            assert [tuple(r) for r in store.query("SELECT outcome FROM inbound")] == [("refused",)]
+        finally:
+            store.close()
 
 
 class TestRouting:
