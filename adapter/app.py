@@ -16,6 +16,7 @@ from adapter.admin import AdminServer
 from adapter.audit.fhir_audit import AuditEventSender
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
+from adapter.delivery_workers import DeliveryWorkers
 from adapter.errors import ConfigError, StoreUnavailable
 from adapter.forwarder import Forwarder, RetryPolicy
 from adapter.intake import Intake, IntakeOptions
@@ -41,15 +42,34 @@ class App:
 
     With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py)
     and this process runs the forwarder; a worker is an App given `intake_sock`, the shared socket.
+    With delivery.workers = M > 0 the forwarder runs in M processes instead (adapter/delivery_workers.py),
+    each an App given `deliver_shard`, its share of the queues.
     """
 
-    def __init__(self, settings: Settings, *, intake_sock: socket.socket | None = None, config: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        intake_sock: socket.socket | None = None,
+        config: str | None = None,
+        deliver_shard: int | None = None,
+    ):
         self.settings = settings
-        self.role = "intake" if intake_sock is not None else "forwarder" if settings.mllp.workers else "all"
+        self.role = (
+            "intake"
+            if intake_sock is not None
+            else "deliver"
+            if deliver_shard is not None
+            else "forwarder"
+            if settings.mllp.workers
+            else "all"
+        )
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        # Only the process that runs the forwarder releases the claims a crash left behind.
-        self.store = open_store(settings, serving=self.role != "intake", audit_keys=self.audit_keys)
+        # Only a process that delivers releases the claims a crash left behind: the serve process all of
+        # them at start (before any delivery worker runs), a delivery worker those of its own shard.
+        shard = (deliver_shard, settings.delivery.workers) if deliver_shard is not None else None
+        self.store = open_store(settings, serving=self.role != "intake", audit_keys=self.audit_keys, shard=shard)
         self.targets = build_targets(settings)
         unknown = named_targets(self.mappings.site.routing) - set(self.targets)
         if unknown:
@@ -74,13 +94,16 @@ class App:
             fallback_charset=settings.hl7.fallback_charset,
             allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
         )
-        on_accepted = ForwarderWaker(os.getppid()) if self.role == "intake" else self.forwarder.wake
+        self.delivery_workers: DeliveryWorkers | None = None
+        if self.role in ("all", "forwarder") and settings.delivery.workers:
+            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
+        on_accepted = ForwarderWaker(os.getppid()) if self.role == "intake" else self.wake_delivery
         self.intake = Intake(self.store, self.mappings, options, on_accepted=on_accepted, audit_keys=self.audit_keys)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":
             self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
-        else:
+        elif self.role != "deliver":
             self.server = MllpServer(
                 self.intake,
                 settings.mllp.host,
@@ -96,6 +119,13 @@ class App:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
         self._queue_collector = QueueCollector(self.queue_stats)
         self._stop = asyncio.Event()
+
+    def wake_delivery(self) -> None:
+        """A message was committed: wake whatever delivers (this process's forwarder or the delivery workers)."""
+        if self.delivery_workers is not None:
+            self.delivery_workers.wake()
+        else:
+            self.forwarder.wake()
 
     def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
         """The store's per-target queue figures, with zeros for configured targets that have none."""
@@ -136,6 +166,8 @@ class App:
             problems.append("the MLLP listener is not bound")
         if self.workers is not None and self.workers.alive < self.workers.count:
             problems.append(f"{self.workers.alive} of {self.workers.count} intake workers running")
+        if self.delivery_workers is not None and self.delivery_workers.alive < self.delivery_workers.count:
+            problems.append(f"{self.delivery_workers.alive} of {self.delivery_workers.count} delivery workers running")
         try:
             self.store.check_writable(timeout=5.0)
         except StoreUnavailable as exc:
@@ -153,6 +185,9 @@ class App:
         if self.role == "intake":
             await self._run_intake()
             return
+        if self.role == "deliver":
+            await self._run_delivery()
+            return
         tasks = []
         if self.server is not None:
             await self.server.start()
@@ -164,7 +199,7 @@ class App:
                 port=port,
                 tls=self.settings.mllp.tls_cert_file is not None,
             )
-            loop.add_signal_handler(signal.SIGUSR1, self.forwarder.wake)  # a worker committed a message
+            loop.add_signal_handler(signal.SIGUSR1, self.wake_delivery)  # a worker committed a message
             self.workers.start()
             tasks.append(asyncio.create_task(self.workers.supervise()))
         metrics.REGISTRY.register(self._queue_collector)
@@ -172,7 +207,11 @@ class App:
             self.admin.start()
         if self.audit_events is not None:
             self.audit_events.start()
-        forwarder = asyncio.create_task(self.forwarder.run())
+        if self.delivery_workers is not None:  # the workers deliver, not this process
+            self.delivery_workers.start()
+            tasks.append(asyncio.create_task(self.delivery_workers.supervise()))
+        else:
+            tasks.append(asyncio.create_task(self.forwarder.run()))
         retention = asyncio.create_task(self.purge_loop())
         checkpoints = asyncio.create_task(self.checkpoint_loop())
         tasks += [retention, checkpoints]
@@ -191,11 +230,13 @@ class App:
             await self.server.stop(grace)
         if self.workers is not None:
             await self.workers.stop(grace)
-        await self.forwarder.stop(grace)
-        forwarder.cancel()
+        if self.delivery_workers is not None:
+            await self.delivery_workers.stop(grace)
+        else:
+            await self.forwarder.stop(grace)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(forwarder, *tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.audit_events is not None:
             await self.audit_events.aclose(grace)
         if self.admin is not None:
@@ -213,4 +254,19 @@ class App:
         await self.server.start()
         await self._stop.wait()
         await self.server.stop(self.settings.mllp.shutdown_grace_seconds)
+        self.store.close()
+
+    async def _run_delivery(self) -> None:
+        """A delivery worker: run the forwarder over this worker's share until SIGTERM, record what was sent, close."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.forwarder.wake)  # serve: a commit
+        if self.audit_events is not None:
+            self.audit_events.start()
+        forwarder = asyncio.create_task(self.forwarder.run())
+        await self._stop.wait()
+        grace = self.settings.mllp.shutdown_grace_seconds
+        await self.forwarder.stop(grace)
+        forwarder.cancel()
+        await asyncio.gather(forwarder, return_exceptions=True)
+        if self.audit_events is not None:
+            await self.audit_events.aclose(grace)
         self.store.close()

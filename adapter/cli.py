@@ -43,7 +43,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     adapter_logging.configure(settings.log.format, settings.log.level)
     # --intake-fd: started by a serve process with mllp.workers, to run the intake on its socket.
     sock = socket.socket(fileno=args.intake_fd) if args.intake_fd is not None else None
-    app = App(settings, intake_sock=sock, config=None if args.config is None else str(args.config))
+    # --deliver-shard: started by a serve process with delivery.workers, to deliver that share of the queues.
+    if args.deliver_shard is not None:
+        from adapter.delivery_workers import end_with_parent
+
+        end_with_parent()
+    config = None if args.config is None else str(args.config)
+    app = App(settings, intake_sock=sock, config=config, deliver_shard=args.deliver_shard)
     asyncio.run(app.run())
     return 0
 
@@ -349,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
     serve.add_argument("--intake-fd", type=int, help=argparse.SUPPRESS)  # internal: an intake worker (mllp.workers)
+    # internal: a delivery worker (delivery.workers)
+    serve.add_argument("--deliver-shard", type=int, help=argparse.SUPPRESS)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))
     mapper.add_argument(
         "--explain",

@@ -390,29 +390,42 @@ class PostgresStore:
     async def record_outcomes(
         self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
     ) -> list[OutboxItem | None]:
-        """Each outcome commits on the connection whose transaction holds its row (one worker-thread hop for the lot)."""
+        """Each outcome commits on the connection whose transaction holds its row, all at once on the worker
+        threads (so PostgreSQL can group their commits), then claims its key's next row."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
 
-        def job() -> list[OutboxItem | None]:
-            failed = 0
-            for outcome in outcomes:
-                try:
-                    self._finish(outcome, now)
-                except StoreUnavailable:
-                    failed += 1
-            if failed:
-                # The forwarder lets every row of the batch go; the committed ones are done, the others
-                # were rolled back with their connection and are claimable again.
-                raise StoreUnavailable(f"{failed} of {len(outcomes)} outcomes could not be recorded")
-            return [
-                self._claim_one(NEXT_SQL, (o.item.target, o.item.ordering_key, now), now + lease_seconds)
-                if o.frees_key
-                else None
-                for o in outcomes
-            ]
+        async def one(outcome: AttemptOutcome) -> OutboxItem | None:
+            await loop.run_in_executor(self._executor, self._finish, outcome, now)
+            if not outcome.frees_key:
+                return None
+            key = (outcome.item.target, outcome.item.ordering_key, now)
+            return await loop.run_in_executor(self._executor, self._claim_one, NEXT_SQL, key, now + lease_seconds)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        results = await asyncio.gather(*(one(o) for o in outcomes), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # The forwarder lets every row of the batch go: give back the next rows claimed for it.
+            for result in results:
+                if isinstance(result, OutboxItem):
+                    await loop.run_in_executor(self._executor, self._unclaim, result.id)
+            if not all(isinstance(r, StoreUnavailable) for r in failed):
+                raise failed[0]
+            raise StoreUnavailable(f"{len(failed)} of {len(outcomes)} outcomes could not be recorded")
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def _unclaim(self, outbox_id: int) -> None:
+        """Roll back one claim of this instance (the row is claimable again at once)."""
+        with self._lock:
+            held = self._claims.pop(outbox_id, None)
+        if held is None:
+            return
+        try:
+            held[0].rollback()
+        except psycopg.Error:
+            held[0].close()
+        self._release_claim_conn(held[0])
 
     def _finish(self, outcome: AttemptOutcome, now: float) -> None:
         """Record an outcome in the transaction that holds the claim, and commit it (releasing the row)."""

@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -134,18 +135,29 @@ class SqliteStore:
         synchronous: str = "FULL",
         release_claims: bool = True,
         audit_keys: AuditKeys | None = None,
+        shard: tuple[int, int] | None = None,
     ):
         self.path = Path(path)
+        # (index, count): a delivery worker claims only the (target, ordering_key) queues of its shard,
+        # so a queue is only ever in flight in one process and a restarted worker can free its own claims.
+        self.shard = shard
         self.audit_keys = audit_keys
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
+        if shard is not None:
+            self._conn.create_function("homeward_shard", 2, queue_shard, deterministic=True)
         if release_claims:
             # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
-            # (The CLI opens the file beside a running server and passes release_claims=False.)
-            self._conn.execute("UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0")
+            # (The CLI opens the file beside a running server and passes release_claims=False; a delivery
+            # worker releases those of its own shard, which no other process claims.)
+            release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
+            if shard is not None:
+                self._conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
+            else:
+                self._conn.execute(release)
         self._conn.commit()
         self._thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -292,7 +304,10 @@ class SqliteStore:
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         def op(conn: sqlite3.Connection) -> list[OutboxItem]:
-            rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
+            if self.shard is None:
+                rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
+            else:
+                rows = conn.execute(CLAIM_SHARD_SQL, (now, now, self.shard[1], self.shard[0], limit)).fetchall()
             items = [_item(row) for row in rows]
             conn.executemany(
                 "UPDATE outbox SET claimed_until = ? WHERE id = ?",
@@ -517,6 +532,16 @@ WHERE o.state = '{DeliveryState.PENDING}' AND +o.next_attempt_at <= ? AND +o.cla
 ORDER BY o.id
 LIMIT ?
 """
+
+# A delivery worker's share of the queues (see queue_shard).
+SHARD_TERM = "homeward_shard(o.target || '|' || o.ordering_key, ?) = ?"
+CLAIM_SHARD_SQL = CLAIM_SQL.replace("AND NOT EXISTS", f"AND {SHARD_TERM}\n  AND NOT EXISTS", 1)
+
+
+def queue_shard(queue_key: str, count: int) -> int:
+    """Which of `count` delivery workers takes the queue "target|ordering_key": stable across processes."""
+    return zlib.crc32(queue_key.encode()) % count
+
 
 # The oldest pending row of one (target, ordering_key), with when it is due and claimed until (outbox_order index).
 NEXT_SQL = f"""
