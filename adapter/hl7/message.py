@@ -144,17 +144,34 @@ class Hl7Message:
     segments: list[Segment]
     delimiters: Delimiters
     charset: str = "utf-8"
+    # Segments by name, built on first use: a mapping looks segments up ~30 times a message, and
+    # segments are never added or removed after parsing.
+    _by_name: dict[str, list[Segment]] | None = field(default=None, repr=False, compare=False)
+    # MSH values read again and again (MSH-4 a dozen times a message), by field and component.
+    _header: dict[tuple[int, int], str] = field(default_factory=dict, repr=False, compare=False)
+
+    def _msh(self, n: int, component: int = 1) -> str:
+        key = (n, component)
+        value = self._header.get(key)
+        if value is None:
+            value = self._header[key] = self.segments[0].get(n, component)
+        return value
+
+    def _index(self) -> dict[str, list[Segment]]:
+        index: dict[str, list[Segment]] = {}
+        for seg in self.segments:
+            index.setdefault(seg.fields[0], []).append(seg)
+        self._by_name = index
+        return index
 
     def segment(self, name: str) -> Segment | None:
         """The first segment called `name`, or None."""
-        for seg in self.segments:
-            if seg.name == name:
-                return seg
-        return None
+        found = (self._by_name or self._index()).get(name)
+        return found[0] if found else None
 
     def all(self, name: str) -> list[Segment]:
         """Every segment called `name`, in order."""
-        return [seg for seg in self.segments if seg.name == name]
+        return list((self._by_name or self._index()).get(name, ()))
 
     @property
     def msh(self) -> Segment:
@@ -163,32 +180,32 @@ class Hl7Message:
     @property
     def message_control_id(self) -> str:
         """MSH-10."""
-        return self.msh.get(10)
+        return self._msh(10)
 
     @property
     def sending_application(self) -> str:
         """MSH-3.1."""
-        return self.msh.get(3)
+        return self._msh(3)
 
     @property
     def sending_facility(self) -> str:
         """MSH-4.1 (in England usually the ODS code of the trust)."""
-        return self.msh.get(4)
+        return self._msh(4)
 
     @property
     def message_type(self) -> str:
         """MSH-9.1, e.g. ADT."""
-        return self.msh.get(9, 1)
+        return self._msh(9)
 
     @property
     def trigger_event(self) -> str:
         """MSH-9.2, e.g. A03."""
-        return self.msh.get(9, 2)
+        return self._msh(9, 2)
 
     @property
     def message_structure(self) -> str:
         """MSH-9.3, e.g. ADT_A03 (absent before v2.3.1)."""
-        return self.msh.get(9, 3)
+        return self._msh(9, 3)
 
     @property
     def event(self) -> str:
@@ -198,17 +215,17 @@ class Hl7Message:
     @property
     def version(self) -> str:
         """MSH-12.1, e.g. 2.5.1."""
-        return self.msh.get(12)
+        return self._msh(12)
 
     @property
     def processing_id(self) -> str:
         """MSH-11.1: P production, T training, D debugging."""
-        return self.msh.get(11)
+        return self._msh(11)
 
     @property
     def message_datetime(self) -> str:
         """MSH-7 as sent (a v2 DTM)."""
-        return self.msh.get(7)
+        return self._msh(7)
 
     @property
     def segment_names(self) -> list[str]:

@@ -66,6 +66,8 @@ class _Run:
         # References to resources built later in the message (A40: the old Patient -> the new one).
         self.pending: list[tuple[dict[str, Any], Rule]] = []
         self.councils: tuple[Council, ...] = ()
+        # Filled in as they are asked for: each system's text depends only on MSH-4 (MapContext.system).
+        self.systems: dict[str, str] = {}
 
     def context(self, segment: Segment | None, location: str) -> MapContext:
         return MapContext(
@@ -78,6 +80,7 @@ class _Run:
             self.table_lookup,
             self.councils,
             self.first,
+            self.systems,
         )
 
     def table_lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
@@ -116,7 +119,8 @@ class _Run:
 
     def holds(self, cond: Condition, segment: Segment | None) -> bool:
         """Evaluate a `when:`; text is compared ignoring case ("Carer breakdown" = "CARER BREAKDOWN")."""
-
+        if cond.all_of:
+            return all(self.holds(part, segment) for part in cond.all_of) != cond.negate
         reps, _ = self.read(cond.source, segment)
         # Any repetition may match: services arrive as a repeating field.
         values = {r.component(1).casefold() for r in reps} - {""}
@@ -213,9 +217,11 @@ def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -
                 url = f"{rm.resource_type}?identifier={quote(system, safe=':/')}|{quote(ident['value'], safe='')}"
                 return full_url, {"method": "PUT", "url": url}
     if rm.identity:
+        # Name the field the identifier comes from (PV1-19 for the visit's resources), as ERR-2 must.
+        fields = [r.source for r in rm.rules if r.element.startswith("identifier") and r.source]
         raise MappingError(
             f"{rm.resource_type} has no identifier to match on ({', '.join(rm.identity)})",
-            location=rm.origin.rsplit(": ", 1)[-1],
+            location=fields[0] if fields else rm.origin.rsplit(": ", 1)[-1],
         )
     # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and its place.
     anchors = [run.full_urls.get(k, k) for k in rm.anchor] if rm.anchor else sorted(run.full_urls.values())

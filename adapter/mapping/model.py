@@ -10,13 +10,14 @@ from adapter.mapping.fhirtypes import ElementInfo
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """`when:` a source value is present / equals / is one of some values (or the opposite)."""
+    """`when:` a source value is present / equals / is one of some values, or `all_of` hold (or the opposite)."""
 
-    source: str
+    source: str = ""
     present: bool | None = None
     equals: str | None = None
     one_of: tuple[str, ...] = ()
     negate: bool = False
+    all_of: tuple[Condition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

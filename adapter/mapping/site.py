@@ -130,14 +130,24 @@ def location(raw: Any, where: str, site: SiteConfig) -> str:
 
 
 def condition(raw: Any, where: str, site: SiteConfig) -> Condition:
-    """A `when:` ({field, equals | one_of | present, not} or {rule: name}), checked."""
+    """A `when:` ({field, equals | one_of | present, not}, {rule: name} or {all: [when, ...], not}), checked."""
+    if isinstance(raw, dict) and "all" in raw and set(raw) <= {"all", "not"}:
+        parts = raw["all"]
+        if not isinstance(parts, list) or not parts:
+            raise ConfigError(f"{where}: all: expected a list of conditions")
+        return Condition(
+            negate=bool(raw.get("not", False)),
+            all_of=tuple(condition(part, f"{where}: all[{i}]", site) for i, part in enumerate(parts)),
+        )
     if isinstance(raw, dict) and set(raw) == {"rule"}:
         name = str(raw["rule"])
         if name not in site.rules:
             raise ConfigError(f"{where}: rule: no rule '{name}' in site.yaml rules")
         return site.rules[name]
     if not isinstance(raw, dict) or "field" not in raw:
-        raise ConfigError(f"{where}: expected {{field: PV1-36, equals|one_of|present: ...}} or {{rule: name}}")
+        raise ConfigError(
+            f"{where}: expected {{field: PV1-36, equals|one_of|present: ...}}, {{rule: name}} or {{all: [...]}}"
+        )
     source = location(raw["field"], f"{where}: field", site)
     one_of = raw.get("one_of", [])
     if not isinstance(one_of, list):

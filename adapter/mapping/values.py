@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import cache
 from typing import Any
 
 from adapter.errors import MappingError
@@ -49,42 +50,56 @@ def lookup(vocab: Vocabulary, value: Any, fhir_type: str, location: str, flags: 
 
 def set_path(target: dict[str, Any], path: str, value: Any, last_is_list: bool) -> None:
     """Set `value` at a dotted path; `[+]` appends, `[n]` indexes, list elements append by default."""
-    parts = path.split(".")
     node = target
-    for i, part in enumerate(parts):
-        name, _, marker = part.partition("[")
-        marker = marker.rstrip("]")
-        last = i == len(parts) - 1
-        if last:
-            if marker or last_is_list:
-                items = node.setdefault(name, [])
-                if marker and marker != "+":
-                    idx = int(marker)
-                    while len(items) <= idx:
-                        items.append(None)
-                    items[idx] = value
-                else:
-                    items.append(value)
-            else:
-                node[name] = value
-            return
-        if marker:
-            items = node.setdefault(name, [])
-            idx = len(items) if marker == "+" else int(marker)
+    *steps, (name, marker) = _steps(path)
+    for step, step_marker in steps:
+        if step_marker:
+            items = node.setdefault(step, [])
+            idx = len(items) if step_marker == "+" else int(step_marker)
             while len(items) <= idx:
                 items.append({})
             node = items[idx]
         else:
-            node = node.setdefault(name, {})
+            node = node.setdefault(step, {})
+    if marker or last_is_list:
+        items = node.setdefault(name, [])
+        if marker and marker != "+":
+            idx = int(marker)
+            while len(items) <= idx:
+                items.append(None)
+            items[idx] = value
+        else:
+            items.append(value)
+    else:
+        node[name] = value
+
+
+@cache
+def _steps(path: str) -> tuple[tuple[str, str], ...]:
+    """ "a.b[+].c[0]" -> (("a", ""), ("b", "+"), ("c", "0")); a mapping has a few hundred paths."""
+    steps = []
+    for part in path.split("."):
+        name, _, marker = part.partition("[")
+        steps.append((name, marker.rstrip("]")))
+    return tuple(steps)
 
 
 def prune(node: Any) -> bool:
     """Remove empty dicts, lists and None values in place; return True when `node` itself is empty."""
+    if type(node) is str:  # most leaves: checked first, it is the hot path of every mapping
+        return not node
     if isinstance(node, dict):
-        for key in [k for k, v in node.items() if prune(v)]:
+        empty = [k for k, v in node.items() if prune(v)]
+        for key in empty:
             del node[key]
         return not node
     if isinstance(node, list):
-        node[:] = [v for v in node if not prune(v)]
+        if any([prune(v) for v in node]):  # a list, not a generator: every item is pruned
+            node[:] = [v for v in node if not _empty(v)]
         return not node
     return node is None or node == ""
+
+
+def _empty(value: Any) -> bool:
+    """What prune() has already found empty (without pruning again)."""
+    return value is None or value == "" or value == {} or value == []

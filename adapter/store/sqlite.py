@@ -4,13 +4,18 @@ Every write is a function run inside a transaction on the writer thread. The thr
 writes waiting at that moment, runs each under its own SAVEPOINT (so one failure cannot undo its
 neighbours) and commits them together: a group commit that happens "while the previous commit
 runs", never on a timer (PERFORMANCE.md: a timed window caps one MLLP connection at ~165 msg/s).
+Processes writing the same file (intake workers, the forwarder, the CLI) take turns through a
+lock file, so a waiting writer starts the moment the other's commit ends (see _WriteTurn).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import fcntl
 import hashlib
+import os
 import queue
 import sqlite3
 import threading
@@ -120,6 +125,50 @@ CREATE TABLE IF NOT EXISTS audit_head (
 _STOP = object()
 # Upper bound on writes in one group commit, so one commit never holds callers for long.
 _MAX_GROUP = 256
+# How long a writer waits for its turn (the same bound as SQLite's busy_timeout below).
+_BUSY_SECONDS = 5.0
+
+
+class _Connection(sqlite3.Connection):
+    """The writer's connection; remembers where the audit chain ends while its transaction is open, so
+    each record is chained without reading the last one back (reset at every BEGIN and ROLLBACK TO)."""
+
+    audit_tail: chain.Head | None = None
+
+
+class _WriteTurn:
+    """Whose turn it is to write the file, across processes: an exclusive flock on `<file>-writer.lock`.
+
+    SQLite's own busy handler makes a writer that finds the file locked sleep 1, 2, 5, 10 ... ms and
+    try again, and lets one process take the lock back time after time while the other sleeps: with
+    two intake workers, commits waited up to 0.9-1.8 s (two processes committing in a loop, this
+    machine). Waiting on a lock file instead hands the turn over as soon as the holder lets go (the
+    holder's death lets go too). The wait is polled, so it stays bounded like busy_timeout.
+    """
+
+    def __init__(self, path: Path):
+        self.fd = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + _BUSY_SECONDS
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise sqlite3.OperationalError(f"writer lock: {exc.strerror}") from exc
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError("database is locked (writer lock file)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class SqliteStore:
@@ -145,26 +194,31 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._turn = _WriteTurn(self.path)
         self._conn = self._connect()
-        self._conn.executescript(SCHEMA)
         if shard is not None:
             self._conn.create_function("homeward_shard", 2, queue_shard, deterministic=True)
-        if release_claims:
-            # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
-            # (The CLI opens the file beside a running server and passes release_claims=False; a delivery
-            # worker releases those of its own shard, which no other process claims.)
-            release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
-            if shard is not None:
-                self._conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
-            else:
-                self._conn.execute(release)
-        self._conn.commit()
+        self._turn.acquire()
+        try:
+            self._conn.executescript(SCHEMA)
+            if release_claims:
+                # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
+                # (The CLI opens the file beside a running server and passes release_claims=False; a delivery
+                # worker releases those of its own shard, which no other process claims.)
+                release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
+                if shard is not None:
+                    self._conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
+                else:
+                    self._conn.execute(release)
+            self._conn.commit()
+        finally:
+            self._turn.release()
         self._thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
         self._thread.start()
         self._closed = False
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(self) -> _Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -209,7 +263,14 @@ class SqliteStore:
         results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
         conn = self._conn
         try:
+            self._turn.acquire()
+        except sqlite3.Error as exc:
+            for _, future in batch:
+                _settle(future, False, StoreUnavailable(f"the store could not commit ({type(exc).__name__})"))
+            return
+        try:
             conn.execute("BEGIN IMMEDIATE")
+            conn.audit_tail = None  # another process may have added records since our last commit
             for op, future in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -218,6 +279,7 @@ class SqliteStore:
                 except Exception as exc:  # handed to the caller's future; the batch goes on
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
+                    conn.audit_tail = None  # its records are gone
                     results.append((future, False, exc))
             _checkpoint(conn, self.audit_keys)
             conn.execute("COMMIT")
@@ -228,6 +290,9 @@ class SqliteStore:
                 if not future.done():
                     _settle(future, False, StoreUnavailable(f"the store could not commit ({type(exc).__name__})"))
             return
+        finally:
+            conn.audit_tail = None
+            self._turn.release()
         for future, ok, value in results:
             _settle(future, ok, value)
 
@@ -239,21 +304,31 @@ class SqliteStore:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
         self._conn.close()
+        self._turn.close()
 
     # -- intake ------------------------------------------------------------------------------
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
+        sha256 = hashlib.sha256(record.raw).hexdigest()
+
         def op(conn: sqlite3.Connection) -> AcceptResult:
             existing = conn.execute("SELECT id FROM inbound WHERE dedup_key = ?", (record.dedup_key,)).fetchone()
             if existing is not None:
                 inbound_id = _insert_inbound(
-                    conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message", dedup=False
+                    conn, record, Outcome.DUPLICATE, "AA", "resend of an accepted message", dedup=False, sha256=sha256
                 )
-                _audit(conn, inbound_id, None, "received", _received_detail(record))
-                _audit(conn, inbound_id, None, "duplicate", {"ack_code": "AA", "original_inbound_id": existing[0]})
+                _audit_many(
+                    conn,
+                    [
+                        (inbound_id, None, "received", _received_detail(record, sha256)),
+                        (inbound_id, None, "duplicate", {"ack_code": "AA", "original_inbound_id": existing[0]}),
+                    ],
+                )
                 return AcceptResult(inbound_id, True)
-            inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True)
-            _audit(conn, inbound_id, None, "received", _received_detail(record))
+            inbound_id = _insert_inbound(conn, record, Outcome.ACCEPTED, "AA", "", dedup=True, sha256=sha256)
+            records: list[tuple[int | None, int | None, str, dict[str, Any]]] = [
+                (inbound_id, None, "received", _received_detail(record, sha256))
+            ]
             ids = []
             for d in deliveries:
                 cur = conn.execute(
@@ -273,23 +348,27 @@ class SqliteStore:
                 )
                 assert cur.lastrowid is not None
                 ids.append(cur.lastrowid)
-                _audit(
-                    conn,
-                    inbound_id,
-                    cur.lastrowid,
-                    "queued",
-                    {"target": d.target, "resources": d.resource_count},
+                records.append(
+                    (inbound_id, cur.lastrowid, "queued", {"target": d.target, "resources": d.resource_count})
                 )
-            _audit(conn, inbound_id, None, "accepted", detail)
+            records.append((inbound_id, None, "accepted", detail))
+            _audit_many(conn, records)
             return AcceptResult(inbound_id, False, tuple(ids))
 
         return await self._guarded(op)  # type: ignore[no-any-return]
 
     async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
+        sha256 = hashlib.sha256(record.raw).hexdigest()
+
         def op(conn: sqlite3.Connection) -> int:
-            inbound_id = _insert_inbound(conn, record, outcome, ack_code, reason, dedup=False)
-            _audit(conn, inbound_id, None, "received", _received_detail(record))
-            _audit(conn, inbound_id, None, outcome.value, {"ack_code": ack_code, "reason": reason})
+            inbound_id = _insert_inbound(conn, record, outcome, ack_code, reason, dedup=False, sha256=sha256)
+            _audit_many(
+                conn,
+                [
+                    (inbound_id, None, "received", _received_detail(record, sha256)),
+                    (inbound_id, None, outcome.value, {"ack_code": ack_code, "reason": reason}),
+                ],
+            )
             return inbound_id
 
         return await self._guarded(op)  # type: ignore[no-any-return]
@@ -663,6 +742,7 @@ def _insert_inbound(
     reason: str,
     *,
     dedup: bool,
+    sha256: str,
 ) -> int:
     cur = conn.execute(
         "INSERT INTO inbound (received_at, peer, sending_facility, message_control_id, event, size, sha256, raw,"
@@ -674,7 +754,7 @@ def _insert_inbound(
             record.message_control_id,
             record.event,
             len(record.raw),
-            hashlib.sha256(record.raw).hexdigest(),
+            sha256,
             record.raw,
             outcome.value,
             ack_code,
@@ -687,14 +767,14 @@ def _insert_inbound(
     return cur.lastrowid
 
 
-def _received_detail(record: InboundRecord) -> dict[str, Any]:
+def _received_detail(record: InboundRecord, sha256: str) -> dict[str, Any]:
     return {
         "peer": record.peer,
         "sending_facility": record.sending_facility,
         "message_control_id": record.message_control_id,
         "event": record.event,
         "size": len(record.raw),
-        "sha256": hashlib.sha256(record.raw).hexdigest(),
+        "sha256": sha256,
     }
 
 
@@ -709,10 +789,18 @@ def _audit(
     _audit_many(conn, [(inbound_id, outbox_id, stage, detail)])
 
 
+def _tail(conn: sqlite3.Connection) -> chain.Head | None:
+    """Where the chain ends inside this transaction: remembered by the writer's connection, else read."""
+    tail = getattr(conn, "audit_tail", None)
+    if tail is None:
+        row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        tail = chain.Head(row[0], row[1]) if row else None
+    return tail
+
+
 def _audit_many(conn: sqlite3.Connection, records: list[tuple[int | None, int | None, str, dict[str, Any]]]) -> None:
-    """Append chained audit records in the caller's transaction: the chain's end is read once, one executemany."""
-    row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    prev = chain.Head(row[0], row[1]) if row else None
+    """Append chained audit records, in order, in the caller's transaction (one INSERT statement)."""
+    prev = _tail(conn)
     rows = []
     for inbound_id, outbox_id, stage, detail in records:
         at = time.time()
@@ -725,21 +813,23 @@ def _audit_many(conn: sqlite3.Connection, records: list[tuple[int | None, int | 
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+    if isinstance(conn, _Connection):
+        conn.audit_tail = prev
 
 
 def _checkpoint(conn: sqlite3.Connection, keys: AuditKeys | None) -> None:
     """Move the head to the chain's last record (once per group commit, inside it)."""
-    row = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    if row is None:
+    tail = _tail(conn)
+    if tail is None:
         return
     head = conn.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
-    if head is not None and head[0] == row[0]:
+    if head is not None and head[0] == tail.seq:
         return
-    mac = chain.head_mac(keys.checkpoint if keys else None, row[0], row[1])
+    mac = chain.head_mac(keys.checkpoint if keys else None, tail.seq, tail.hash)
     conn.execute(
         "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
-        (row[0], row[1], mac),
+        (tail.seq, tail.hash, mac),
     )
 
 

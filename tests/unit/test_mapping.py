@@ -137,6 +137,17 @@ class TestLifeCycle:
         assert after["occurrenceDateTime"] == before["occurrenceDateTime"] == "2026-11-24T10:45:00+00:00"
         assert resources(update, "Encounter")[0]["resource"]["status"] == "finished"
 
+    def test_update_without_a_visit_sends_no_visit_resources(self, mappings: MappingSet) -> None:
+        """A08 with the discharge-planning fields but no PV1-19 updates the Patient; no Encounter or referral, not refused."""
+        text = "\n".join(line for line in _cycle_text("ADT_A16").splitlines() if not line.startswith("PV1"))
+        update = map_text(_as_a08(text, expected="20261127"), mappings)
+        assert [e["resource"]["resourceType"] for e in update.bundle["entry"]] == [
+            "Patient",
+            "Organization",
+            "RelatedPerson",
+            "Provenance",
+        ]
+
     def test_admission_transfer_leave_and_cancel_move_one_encounter(self, mappings: MappingSet) -> None:
         """A01 -> A02 -> A21 -> A22 -> A12 -> A11 of one visit update one Encounter: location, leave, back, error."""
         cases = [
@@ -274,6 +285,24 @@ class TestContentRules:
         """PV1-36 79 and PID-29: the Patient gets deceasedDateTime in the feed's zone."""
         result = map_case("ADT_A03/died", mappings)
         assert resources(result, "Patient")[0]["resource"]["deceasedDateTime"] == "2026-11-24T06:10:00+00:00"
+
+    @pytest.mark.parametrize(
+        ("old", "new", "location"),
+        [
+            ("9449305552^^^NHS^NH~RRK123456^^^RRK^MR", "9449305551^^^NHS^NH", "PID-3"),  # only a failed NHS number
+            ("|PAS|RRK|", "|PAS||", "MSH-4"),  # no sending facility: no hospital Organization
+        ],
+        ids=["patient", "hospital"],
+    )
+    def test_no_identifier_to_match_on_names_the_field(
+        self, mappings: MappingSet, old: str, new: str, location: str
+    ) -> None:
+        """A resource that can only be written by its identifier, and has none, is refused naming the field it comes from."""
+        text = (GOLDEN / "ADT_A08/demographics_only.hl7").read_text(encoding="utf-8")
+        assert old in text
+        with pytest.raises(MappingError) as info:
+            map_text(text.replace(old, new), mappings)
+        assert (info.value.location, info.value.hl7_error_code) == (location, "101")
 
     def test_missing_required_field_names_it(self, mappings: MappingSet) -> None:
         """An A03 without PV1-19 is refused with the field named (ERR-2 of the AE)."""
@@ -421,10 +450,27 @@ class TestStartupValidation:
                 "site.yaml: routing.routes[0]: targets: expected list",
             ),
             (lambda s: s["rules"].update(bridging_care={"rule": "nope"}), "site.yaml: rules.bridging_care"),
+            (
+                lambda s: s["rules"].update(discharge_planning={"all": []}),
+                "rules.discharge_planning: all: expected a list",
+            ),
+            (
+                lambda s: s["rules"].update(discharge_planning={"all": [{"field": "ZDS1", "present": True}]}),
+                "rules.discharge_planning: all[0]: field",
+            ),
             (lambda s: s["fields"].pop("services"), "'@services' is not named in site.yaml fields"),
             (lambda s: s["events"].update(A05="process"), "events.A05: 'process' but no messages/ADT_A05.yaml"),
         ],
-        ids=["bad-location", "route-without-rule", "targets-not-a-list", "unknown-rule", "unknown-field", "no-map"],
+        ids=[
+            "bad-location",
+            "route-without-rule",
+            "targets-not-a-list",
+            "unknown-rule",
+            "empty-all",
+            "bad-location-in-all",
+            "unknown-field",
+            "no-map",
+        ],
     )
     def test_errors_name_file_and_key(self, tmp_path: Path, change: Any, expected: str) -> None:
         """A broken site.yaml stops start-up with ConfigError naming the file and the key."""
