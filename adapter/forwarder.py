@@ -96,7 +96,7 @@ class Forwarder:
         self._stopping = False
         self._ready: asyncio.Queue[OutboxItem] = asyncio.Queue()
         self._claimed_at: dict[int, float] = {}  # held rows, by outbox id: when this process claimed them
-        self._busy: set[asyncio.Task[None]] = set()  # sends and recordings under way
+        self._busy: set[asyncio.Task[None]] = set()  # sends under way
         self._workers: list[asyncio.Task[None]] = []
         # Outcomes waiting for the recorder, which records them all in one store call.
         self._outcomes: list[AttemptOutcome] = []
