@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import socket
 import time
 
 import structlog
@@ -18,17 +16,16 @@ from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.delivery_workers import DeliveryWorkers
 from adapter.errors import ConfigError, StoreUnavailable
-from adapter.forwarder import Forwarder, RetryPolicy
-from adapter.intake import Intake, IntakeOptions
+from adapter.forwarder import build_forwarder
+from adapter.intake import Intake
 from adapter.mapping.loader import load_mappings
 from adapter.mapping.routing import named_targets
 from adapter.metrics import QueueCollector
-from adapter.mllp.allow import AllowList
-from adapter.mllp.server import MllpServer, server_ssl_context
+from adapter.mllp.server import MllpServer
 from adapter.store import open_store
 from adapter.store.base import Actor
 from adapter.targets import build_targets
-from adapter.workers import ForwarderWaker, Workers, bind
+from adapter.workers import Workers, bind, deprioritise_this_thread, intake_options, mllp_server
 
 log = structlog.get_logger("homeward.app")
 
@@ -40,36 +37,18 @@ CHECKPOINT_INTERVAL_SECONDS = 3600.0
 class App:
     """One running adapter: listener + forwarder over one store.
 
-    With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py)
-    and this process runs the forwarder; a worker is an App given `intake_sock`, the shared socket.
-    With delivery.workers = M > 0 the forwarder runs in M processes instead (adapter/delivery_workers.py),
-    each an App given `deliver_shard`, its share of the queues.
+    With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py,
+    run_worker) and this process runs the forwarder; with delivery.workers = M > 0 the forwarder runs in
+    M processes instead (adapter/delivery_workers.py, run_delivery_worker), each with its share of the queues.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        intake_sock: socket.socket | None = None,
-        config: str | None = None,
-        deliver_shard: int | None = None,
-    ):
+    def __init__(self, settings: Settings, *, config: str | None = None):
         self.settings = settings
-        self.role = (
-            "intake"
-            if intake_sock is not None
-            else "deliver"
-            if deliver_shard is not None
-            else "forwarder"
-            if settings.mllp.workers
-            else "all"
-        )
+        self.role = "forwarder" if settings.mllp.workers else "all"
         self.mappings = load_mappings(settings.mapping.dir)  # a broken mapping stops start-up here
         self.audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-        # Only a process that delivers releases the claims a crash left behind: the serve process all of
-        # them at start (before any delivery worker runs), a delivery worker those of its own shard.
-        shard = (deliver_shard, settings.delivery.workers) if deliver_shard is not None else None
-        self.store = open_store(settings, serving=self.role != "intake", audit_keys=self.audit_keys, shard=shard)
+        # This process runs the forwarder, so it releases the claims a crash left behind.
+        self.store = open_store(settings, serving=True, audit_keys=self.audit_keys)
         self.targets = build_targets(settings)
         unknown = named_targets(self.mappings.site.routing) - set(self.targets)
         if unknown:
@@ -78,42 +57,23 @@ class App:
                 f" (configured: {sorted(self.targets)})"
             )
         self.audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
-        self.forwarder = Forwarder(
-            self.store,
-            self.targets,
-            RetryPolicy(settings.retry),
-            # One worker per allowed request: the [fhir] cap plus each named target's.
-            max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
-            policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
-            audit_events=self.audit_events,
-        )
-        options = IntakeOptions(
-            timezone=settings.mapping.timezone,
-            validation=settings.mapping.validation,
-            strict=settings.hl7.strict,
-            fallback_charset=settings.hl7.fallback_charset,
-            allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
-        )
+        self.forwarder = build_forwarder(settings, self.store, self.targets, self.audit_events)
         self.delivery_workers: DeliveryWorkers | None = None
-        if self.role in ("all", "forwarder") and settings.delivery.workers:
+        if settings.delivery.workers:
             self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
-        on_accepted = ForwarderWaker(os.getppid()) if self.role == "intake" else self.wake_delivery
-        self.intake = Intake(self.store, self.mappings, options, on_accepted=on_accepted, audit_keys=self.audit_keys)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":
             self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
-        elif self.role != "deliver":
-            self.server = MllpServer(
-                self.intake,
-                settings.mllp.host,
-                settings.mllp.port,
-                max_frame_bytes=settings.mllp.max_frame_bytes,
-                idle_timeout=settings.mllp.idle_timeout_seconds,
-                ssl_context=server_ssl_context(settings.mllp),
-                max_connections=settings.mllp.max_connections,
-                sock=intake_sock,
+        else:
+            intake = Intake(
+                self.store,
+                self.mappings,
+                intake_options(settings),
+                on_accepted=self.wake_delivery,
+                audit_keys=self.audit_keys,
             )
+            self.server = mllp_server(settings, intake)
         self.admin: AdminServer | None = None
         if settings.admin.port is not None:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
@@ -182,12 +142,6 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        if self.role == "intake":
-            await self._run_intake()
-            return
-        if self.role == "deliver":
-            await self._run_delivery()
-            return
         tasks = []
         if self.server is not None:
             await self.server.start()
@@ -207,6 +161,11 @@ class App:
             self.admin.start()
         if self.audit_events is not None:
             self.audit_events.start()
+        if self.workers is not None:
+            # After the threads that must keep full priority have started (the store's writer, which
+            # holds the write turn, and the admin port): the ACK path in the workers comes first.
+            # Delivery workers started from here on inherit it.
+            deprioritise_this_thread(self.settings.mllp.delivery_nice)
         if self.delivery_workers is not None:  # the workers deliver, not this process
             self.delivery_workers.start()
             tasks.append(asyncio.create_task(self.delivery_workers.supervise()))
@@ -247,26 +206,3 @@ class App:
             log.info("audit.checkpoint", seq=seq, hash=head_hash)
         self.store.close()
         log.info("homeward.stopped")
-
-    async def _run_intake(self) -> None:
-        """An intake worker: listen on the shared socket until SIGTERM, finish the frames in hand, close."""
-        assert self.server is not None
-        await self.server.start()
-        await self._stop.wait()
-        await self.server.stop(self.settings.mllp.shutdown_grace_seconds)
-        self.store.close()
-
-    async def _run_delivery(self) -> None:
-        """A delivery worker: run the forwarder over this worker's share until SIGTERM, record what was sent, close."""
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.forwarder.wake)  # serve: a commit
-        if self.audit_events is not None:
-            self.audit_events.start()
-        forwarder = asyncio.create_task(self.forwarder.run())
-        await self._stop.wait()
-        grace = self.settings.mllp.shutdown_grace_seconds
-        await self.forwarder.stop(grace)
-        forwarder.cancel()
-        await asyncio.gather(forwarder, return_exceptions=True)
-        if self.audit_events is not None:
-            await self.audit_events.aclose(grace)
-        self.store.close()

@@ -37,19 +37,26 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from adapter.app import App
-
     settings = _settings(args)
     adapter_logging.configure(settings.log.format, settings.log.level)
-    # --intake-fd: started by a serve process with mllp.workers, to run the intake on its socket.
-    sock = socket.socket(fileno=args.intake_fd) if args.intake_fd is not None else None
-    # --deliver-shard: started by a serve process with delivery.workers, to deliver that share of the queues.
+    if args.intake_fd is not None:
+        # Started by a serve process with mllp.workers, to run the intake on its socket (and import
+        # nothing of the forwarder's).
+        from adapter.workers import run_worker
+
+        asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd)))
+        return 0
     if args.deliver_shard is not None:
-        from adapter.delivery_workers import end_with_parent
+        # Started by a serve process with delivery.workers, to deliver its share of the queues (and
+        # import nothing of the intake's).
+        from adapter.delivery_workers import end_with_parent, run_delivery_worker
 
         end_with_parent()
-    config = None if args.config is None else str(args.config)
-    app = App(settings, intake_sock=sock, config=config, deliver_shard=args.deliver_shard)
+        asyncio.run(run_delivery_worker(settings, args.deliver_shard))
+        return 0
+    from adapter.app import App
+
+    app = App(settings, config=None if args.config is None else str(args.config))
     asyncio.run(app.run())
     return 0
 

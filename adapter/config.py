@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -56,6 +58,10 @@ class MllpSettings(_Section):
     # store, ACK) while the serve process delivers, so the ACK path gets cores of its own.
     # max_connections then applies per worker.
     workers: int = Field(default=0, ge=0, le=32)
+    # With workers: the nice value of the serve process's event loop thread (the forwarder), so that
+    # when the cores are busy the ACK path, which a hospital waits on, comes first and delivery takes
+    # what is left (the outbox holds the difference). 0: equal shares. Raising it needs no privilege.
+    delivery_nice: int = Field(default=10, ge=0, le=19)
     # TLS on the listener: certificate and key (PEM). With tls_client_ca_file, mutual TLS: a client
     # must present a certificate signed by that CA.
     tls_cert_file: Path | None = None
@@ -205,6 +211,16 @@ class MappingSettings(_Section):
     # messages that such bundles pass full validation. See README "Design notes".
     validation: Literal["full", "datatypes"] = "datatypes"
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        # Checked here so a misspelt zone stops start-up naming the key, not the first message with a traceback.
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"'{value}' is not an IANA time zone name (e.g. Europe/London)") from exc
+        return value
+
 
 class Hl7Settings(_Section):
     # Also validate the message structure with hl7apy (slower; see README design notes).
@@ -277,6 +293,21 @@ class Settings(_Section):
             raise ConfigError(_describe(exc, sources, path)) from exc
 
 
+# Request headers that carry credentials by convention (API gateways included): only from headers_env.
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "api-key",
+        "apikey",
+        "x-auth-token",
+        "ocp-apim-subscription-key",
+    }
+)
+
+
 def _refuse_secrets(data: dict[str, Any], path: Path) -> None:
     """Secrets come from variables or files: a TOML file lives in version control. The value is never echoed."""
     audit = data.get("audit")
@@ -288,11 +319,43 @@ def _refuse_secrets(data: dict[str, Any], path: Path) -> None:
     targets = data.get("targets")
     for n, target in enumerate(targets if isinstance(targets, list) else []):
         headers = target.get("headers") if isinstance(target, dict) else None
-        if isinstance(headers, dict) and any(str(k).lower() == "authorization" for k in headers):
+        for name in headers if isinstance(headers, dict) else {}:
+            if str(name).lower() in SECRET_HEADERS:
+                canonical = "-".join(part.capitalize() for part in str(name).split("-"))
+                raise ConfigError(
+                    f"targets[{n}].headers.{canonical} (in {path}): a secret may not be written in the settings"
+                    " file; name a variable in headers_env, or use auth"
+                )
+    for key, value in _strings(data):
+        if _url_has_password(value):
             raise ConfigError(
-                f"targets[{n}].headers.Authorization (in {path}): a secret may not be written in the settings"
-                " file; name a variable in headers_env, or use auth"
+                f"{key} (in {path}): a password may not be written in the settings file; leave it out of the URL"
+                " and set the whole URL in the environment (HOMEWARD_STORE_URL, ...), or for PostgreSQL use"
+                " PGPASSWORD / a .pgpass file"
             )
+
+
+def _strings(node: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every string in the TOML data with its dotted key (targets[0].base_url)."""
+    if isinstance(node, str):
+        return [(key, node)]
+    if isinstance(node, dict):
+        return [found for k, v in node.items() for found in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(node, list):
+        return [found for n, v in enumerate(node) for found in _strings(v, f"{key}[{n}]")]
+    return []
+
+
+def _url_has_password(value: str) -> bool:
+    """user:password@ in a URL, or a password= query parameter (libpq accepts both)."""
+    if "://" not in value:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        has_password = parts.password is not None
+    except ValueError:  # not a URL after all (a bad port, ...): validation reports it without the value
+        return False
+    return has_password or "password" in {k.lower() for k, _ in urllib.parse.parse_qsl(parts.query)}
 
 
 # Short names the issue tracker and deployment guides use, beside the regular HOMEWARD_<SECTION>_<KEY>.

@@ -2,7 +2,8 @@
 
 One process cannot deliver 1,000 messages a second here: an HTTP request with httpx alone costs
 about a millisecond of CPU (PERFORMANCE.md). So the serve process can start N delivery workers
-(`homeward serve --deliver-shard I`, fresh interpreters, never a fork of a threaded process); each
+(`homeward serve --deliver-shard I`, fresh interpreters, never a fork of a threaded process, that build
+only the forwarder: no mappings, no intake); each
 claims only the (target, ordering_key) queues whose hash falls in its shard (SQLite), or takes row
 locks with SKIP LOCKED like any instance (PostgreSQL). Either way one patient's queue is in flight
 in one process at a time and in arrival order. The serve process restarts a worker that dies; the
@@ -22,6 +23,13 @@ import sys
 import time
 
 import structlog
+
+from adapter.audit.fhir_audit import AuditEventSender
+from adapter.audit.keys import load_keys
+from adapter.config import Settings
+from adapter.forwarder import build_forwarder
+from adapter.store import open_store
+from adapter.targets import build_targets
 
 log = structlog.get_logger("homeward.delivery_workers")
 
@@ -112,3 +120,29 @@ def end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if parent == 1 or os.getppid() != parent:
         sys.exit(0)
+
+
+async def run_delivery_worker(settings: Settings, shard: int) -> None:
+    """A delivery worker (`homeward serve --deliver-shard I`): run the forwarder over shard I of
+    delivery.workers until SIGTERM, then let the sends in flight finish and record them, and close."""
+    audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
+    # It frees the claims of its own shard that a dead predecessor left (SQLite): no other process takes them.
+    store = open_store(settings, serving=True, audit_keys=audit_keys, shard=(shard, settings.delivery.workers))
+    audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
+    forwarder = build_forwarder(settings, store, build_targets(settings), audit_events)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, forwarder.wake)  # serve: a message was committed
+    if audit_events is not None:
+        audit_events.start()
+    running = asyncio.create_task(forwarder.run())
+    await stop.wait()
+    grace = settings.mllp.shutdown_grace_seconds
+    await forwarder.stop(grace)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    if audit_events is not None:
+        await audit_events.aclose(grace)
+    store.close()

@@ -18,7 +18,7 @@ import tenacity
 
 from adapter import metrics
 from adapter.audit.fhir_audit import AuditEventSender
-from adapter.config import RetrySettings
+from adapter.config import RetrySettings, Settings
 from adapter.errors import DeliveryError, RetryableDelivery, StoreUnavailable
 from adapter.store.base import AttemptOutcome, OutboxItem, Store
 from adapter.targets import Target
@@ -326,3 +326,18 @@ class Forwarder:
         delay = policy.delay(attempts, exc.retry_after)
         detail["retry_in_seconds"] = round(delay, 3)
         return AttemptOutcome(item, "retry_scheduled", detail, exc.reason, now + delay)
+
+
+def build_forwarder(
+    settings: Settings, store: Store, targets: dict[str, Target], audit_events: AuditEventSender | None
+) -> Forwarder:
+    """The forwarder the settings describe (serve's, or a delivery worker's)."""
+    return Forwarder(
+        store,
+        targets,
+        RetryPolicy(settings.retry),
+        # One sender per allowed request: the [fhir] cap plus each named target's.
+        max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
+        policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
+        audit_events=audit_events,
+    )

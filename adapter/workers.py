@@ -13,17 +13,25 @@ the audit chain is extended inside each commit from the last record stored.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import structlog
 
-from adapter.config import MllpSettings
+from adapter.audit.keys import load_keys
+from adapter.config import MllpSettings, Settings
+from adapter.intake import Intake, IntakeOptions
+from adapter.mapping.loader import load_mappings
+from adapter.mllp.allow import AllowList
+from adapter.mllp.server import MllpServer, server_ssl_context
+from adapter.store import open_store
 
 log = structlog.get_logger("homeward.workers")
 
@@ -49,6 +57,11 @@ class Workers:
         self.config = config
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stopping = False
+        # Workers are started from a thread of their own, made now: on Linux a nice value belongs to a
+        # thread and a child inherits its parent thread's, so a worker restarted after the event loop
+        # thread lowered its priority (deprioritise_this_thread) still runs at full priority.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-spawner")
+        self._spawner.submit(lambda: None).result()
 
     @property
     def alive(self) -> int:
@@ -64,7 +77,7 @@ class Workers:
         return proc
 
     def start(self) -> None:
-        self.procs = [self._start_one() for _ in range(self.count)]
+        self.procs = [self._spawner.submit(self._start_one).result() for _ in range(self.count)]
 
     async def supervise(self) -> None:
         """Restart a worker that exits while serving (logged as an error with its exit status)."""
@@ -77,7 +90,7 @@ class Workers:
                 log.error("mllp.worker_exited", pid=proc.pid, status=status)
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
                 if not self._stopping:
-                    self.procs[i] = self._start_one()
+                    self.procs[i] = await asyncio.get_running_loop().run_in_executor(self._spawner, self._start_one)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each finishes the frame it is handling), then wait; kill after `grace` + 5 s."""
@@ -94,6 +107,20 @@ class Workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         self.sock.close()
+        self._spawner.shutdown(wait=False)
+
+
+def deprioritise_this_thread(nice: int) -> None:
+    """Give the calling thread (Linux: only this thread; threads it starts later inherit it) the nice
+    value `nice`: raising one's own nice value needs no privilege."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:  # a refusal costs the ACK path its head start, not the service
+        log.warning("mllp.delivery_nice_failed", error=type(exc).__name__)
+        return
+    log.info("mllp.delivery_nice", nice=nice)
 
 
 class ForwarderWaker:
@@ -118,3 +145,48 @@ class ForwarderWaker:
         self._last = time.monotonic()
         with contextlib.suppress(ProcessLookupError):  # the serve process is gone: this worker is stopping
             os.kill(self.pid, signal.SIGUSR1)
+
+
+def intake_options(settings: Settings) -> IntakeOptions:
+    return IntakeOptions(
+        timezone=settings.mapping.timezone,
+        validation=settings.mapping.validation,
+        strict=settings.hl7.strict,
+        fallback_charset=settings.hl7.fallback_charset,
+        allow=AllowList(settings.mllp.allow_networks, settings.mllp.allow_facilities),
+    )
+
+
+def mllp_server(settings: Settings, intake: Intake, sock: socket.socket | None = None) -> MllpServer:
+    return MllpServer(
+        intake,
+        settings.mllp.host,
+        settings.mllp.port,
+        max_frame_bytes=settings.mllp.max_frame_bytes,
+        idle_timeout=settings.mllp.idle_timeout_seconds,
+        ssl_context=server_ssl_context(settings.mllp),
+        max_connections=settings.mllp.max_connections,
+        sock=sock,
+    )
+
+
+async def run_worker(settings: Settings, sock: socket.socket) -> None:
+    """An intake worker (`homeward serve --intake-fd N`): listen on the shared socket until SIGTERM, finish
+    the frames in hand, close. It builds only the intake: no forwarder, no targets, no HTTP client
+    (about 10 MB less per worker than the whole adapter)."""
+    audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
+    mappings = load_mappings(settings.mapping.dir)
+    # The serve process runs the forwarder and owns the claims; a worker leaves them alone.
+    store = open_store(settings, serving=False, audit_keys=audit_keys)
+    intake = Intake(
+        store, mappings, intake_options(settings), on_accepted=ForwarderWaker(os.getppid()), audit_keys=audit_keys
+    )
+    server = mllp_server(settings, intake, sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop(settings.mllp.shutdown_grace_seconds)
+    store.close()

@@ -65,6 +65,7 @@ class _Run:
         self.full_urls: dict[str, str] = {}
         # References to resources built later in the message (A40: the old Patient -> the new one).
         self.pending: list[tuple[dict[str, Any], Rule]] = []
+        self.anchored: set[str] = set()  # ids given to resources without an identifier, to keep them apart
         self.councils: tuple[Council, ...] = ()
         # Filled in as they are asked for: each system's text depends only on MSH-4 (MapContext.system).
         self.systems: dict[str, str] = {}
@@ -203,12 +204,14 @@ def _entry(run: _Run, rm: ResourceMap, segment: Segment | None, index: int) -> d
     for rule in rm.rules:
         _apply(run, rule, resource, segment, rm.resource_type)
     prune(resource)
-    full_url, request = _request(run, rm, resource, index)
+    full_url, request = _request(run, rm, resource, index, segment)
     run.full_urls[rm.key] = full_url
     return {"fullUrl": full_url, "resource": resource, "request": request}
 
 
-def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -> tuple[str, dict[str, str]]:
+def _request(
+    run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int, segment: Segment | None
+) -> tuple[str, dict[str, str]]:
     for name in rm.identity:
         system = run.context(None, rm.origin).system(name)
         for ident in resource.get("identifier", []):
@@ -223,11 +226,29 @@ def _request(run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int) -
             f"{rm.resource_type} has no identifier to match on ({', '.join(rm.identity)})",
             location=fields[0] if fields else rm.origin.rsplit(": ", 1)[-1],
         )
-    # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and its place.
+    # No identifier of its own: an id derived from the resources it hangs off (patient, visit) and from
+    # who it is (`anchor_fields`, e.g. the next of kin's name), else its place among its segments.
     anchors = [run.full_urls.get(k, k) for k in rm.anchor] if rm.anchor else sorted(run.full_urls.values())
-    rid = deterministic_id(rm.resource_type, rm.key, str(index), *anchors)
+    rid = deterministic_id(rm.resource_type, rm.key, _place(run, rm, index, segment), *anchors)
+    if rid in run.anchored:
+        # The same name twice in one message: the later one is told apart by its place.
+        rid = deterministic_id(rm.resource_type, rm.key, f"{index}", *anchors)
+    run.anchored.add(rid)
     resource["id"] = rid
     return f"urn:uuid:{rid}", {"method": "PUT", "url": f"{rm.resource_type}/{rid}"}
+
+
+def _place(run: _Run, rm: ResourceMap, index: int, segment: Segment | None) -> str:
+    """What tells this occurrence apart across messages: its `anchor_fields` values, or its occurrence number.
+
+    By name, a carer keeps the same resource when the PAS sends the next of kin in another order or
+    adds one before them; the occurrence number would hand the carer's resource to someone else.
+    """
+    values = []
+    for source in rm.anchor_fields:
+        reps, _ = run.read(source, segment)
+        values.append(reps[0].component(1).strip().casefold() if reps else "")
+    return "|".join(values) if any(values) else str(index)
 
 
 def _provenance(run: _Run, mm: MessageMap, entries: list[dict[str, Any]]) -> dict[str, Any]:

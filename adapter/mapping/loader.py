@@ -212,7 +212,11 @@ def _resource(
     for name in anchor:
         if name not in keys:
             raise ConfigError(f"{where}: anchor: '{name}' is not a resource key of this message")
-    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, profile, anchor)
+    anchor_fields = raw.get("anchor_fields", [])
+    if not isinstance(anchor_fields, list):
+        raise ConfigError(f"{where}: anchor_fields: expected a list of fields (e.g. [NK1-2.1, NK1-2.2])")
+    fields = tuple(location(f, f"{where}: anchor_fields[{i}]", site) for i, f in enumerate(anchor_fields))
+    return ResourceMap(key, rtype, tuple(rules), where, raw.get("foreach"), when, identity, profile, anchor, fields)
 
 
 def _rule(

@@ -78,9 +78,11 @@ class ResourceMap:
     when: Condition | None = None
     identity: tuple[str, ...] = ()  # site system names to conditionally update on, in preference order
     profile: str | None = None
-    # Without an identity, the id derives from these resources' ids (keys) and the occurrence number,
-    # so the same next of kin gets the same id from every event.
+    # Without an identity, the id derives from these resources' ids (keys) and from the values of
+    # `anchor_fields` (the next of kin's name), else the occurrence number, so the same next of kin
+    # gets the same id from every event.
     anchor: tuple[str, ...] = ()
+    anchor_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The scale benchmark: `homeward serve` as a separate process, MLLP load from separate processes, a fast FHIR sink.
 
-Run: .venv/bin/python tests/bench/bench_scale.py                 (100,000 messages through serve; ~5-10 min)
+Run: .venv/bin/python tests/bench/bench_scale.py --workers 2     (100,000 messages through serve; ~5-10 min)
      .venv/bin/python tests/bench/bench_scale.py --quick         (small counts, about a minute)
      .venv/bin/python tests/bench/bench_scale.py --validation full   (serve with mapping.validation = full)
 
@@ -12,11 +12,18 @@ The serve process delivers to tests/bench/sink.py while it acknowledges, as it w
 It prints:
 
   map         `homeward map`'s pipeline in one process (parse + map + checks + JSON), msgs/s, both modes
-  max AA      acknowledged (AA, committed) messages/s over N connections, closed loop
+  max AA      acknowledged (AA, committed) messages/s over N connections, closed loop, while serve
+              delivers, with the CPU serve (and its intake workers) used per message
   fixed rate  ACK latency p50/p95/p99 at a fixed offered rate (default 500/s), counted from each
               message's scheduled send time, so a slow ACK delays the clock (no coordinated omission)
   delivered   messages/s delivered end to end (first send to last POST at the sink)
-  RSS         of the serve process(es): after each step of --total messages, and the peak (VmHWM)
+  held back   max AA again with the sink stopped (SIGSTOP: the council does not answer, so delivery
+              costs next to nothing): what the ACK path alone takes; then how fast that backlog
+              drains once the sink answers again (--no-held leaves this out)
+  RSS         of the serve process(es), summed: after each step of --total messages, and the peak (VmHWM)
+
+--workers N sets mllp.workers (intake worker processes; 2 on this 2-core machine); the figures in
+the README give both 0 and 2.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import socket
 import sqlite3
 import statistics
@@ -142,11 +150,12 @@ def process_tree(pid: int) -> list[int]:
     """pid and its descendants (serve may run worker processes)."""
     pids = [pid]
     for p in pids:
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        pids.extend(int(c) for c in children)
+        # Every thread's children: serve starts its workers from a thread of its own (adapter/workers.py).
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                pids.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue
     return pids
 
 
@@ -165,18 +174,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
             elif key == "VmHWM":
                 peak += int(rest.split()[0]) / 1024
     return now, peak
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by serve and any processes it started."""
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def store_counts(store: Path) -> dict[str, int]:
@@ -285,7 +282,25 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def live(tmp: Path, sink_port: int, args: Any) -> None:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (from /proc)."""
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def split_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of (the serve process, the intake workers it started)."""
+    own = cpu_seconds([pid])
+    return own, cpu_seconds(process_tree(pid)) - own
+
+
+def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) -> None:
     store = tmp / "live.sqlite3"
     serve, port = start_serve(tmp, store, sink_port, args)
     sent = 0
@@ -301,18 +316,29 @@ def live(tmp: Path, sink_port: int, args: Any) -> None:
         wait_delivered(store, 120)
         posts_before, _ = sink_count(sink_port)
         first_send = time.monotonic()
-        for connections in args.connections:
-            cpu, posts = cpu_seconds(serve.pid), sink_count(sink_port)[0]
+
+        def delivered_rows() -> int:
+            return store_counts(store).get("delivered", 0)  # the sink cannot be asked while it is stopped
+
+        def max_aa(connections: int, how: str) -> None:
+            (own, workers), posts = split_cpu(serve.pid), delivered_rows()
             elapsed, latencies = step(args.max_messages, connections)
-            cpu, posts = cpu_seconds(serve.pid) - cpu, sink_count(sink_port)[0] - posts
+            (own2, workers2), posts = split_cpu(serve.pid), delivered_rows() - posts
+            own, workers = own2 - own, workers2 - workers
+            n = len(latencies)
             print(
-                f"  max AA/s, {connections} connections, closed loop, {len(latencies)} messages:"
-                f" {len(latencies) / elapsed:.0f} msgs/s  (ACK {quantiles(latencies)})  [load {load_average()}]"
+                f"  max AA/s, {connections} connections, closed loop, {how}, {n} messages:"
+                f" {n / elapsed:.0f} msgs/s  (ACK {quantiles(latencies)})  [load {load_average()}]"
             )
+            where = f"serve {own:.1f} + workers {workers:.1f}" if workers else f"serve {own:.1f}"
             print(
-                f"    serve used {cpu:.1f} CPU s ({cpu / elapsed:.2f} cores) while it acknowledged {len(latencies)}"
-                f" and delivered {posts}: {cpu * 1000 / len(latencies):.2f} ms CPU per message acknowledged"
+                f"    CPU s used: {where} ({(own + workers) / elapsed:.2f} cores) while {n} were acknowledged"
+                f" and {posts} delivered: {(own + workers) * 1000 / n:.2f} ms CPU per message acknowledged"
+                + (f" (workers {workers * 1000 / n:.2f} ms)" if workers else "")
             )
+
+        for connections in args.connections:
+            max_aa(connections, "delivery running")
         n = int(args.rate * args.rate_seconds)
         elapsed, latencies = step(n, args.rate_connections, args.rate)
         print(
@@ -328,6 +354,25 @@ def live(tmp: Path, sink_port: int, args: Any) -> None:
         )
         now, peak = rss_mb(serve.pid)
         print(f"  RSS of serve after {sent} messages: {now:.0f} MB (peak {peak:.0f} MB)")
+        if not args.no_held:
+            # The council stops answering (the sink is SIGSTOPped): the forwarder's requests wait and
+            # delivery costs next to nothing, so this is what the ACK path alone can take; the backlog
+            # it leaves is then drained with the council back.
+            sink.send_signal(signal.SIGSTOP)
+            try:
+                for connections in args.connections:
+                    max_aa(connections, "delivery held back (council not answering)")
+            finally:
+                sink.send_signal(signal.SIGCONT)
+            posts_before, _ = sink_count(sink_port)
+            backlog = store_counts(store).get("pending", 0)
+            resumed = time.monotonic()
+            wait_delivered(store, 1800)
+            drained = time.monotonic() - resumed
+            print(
+                f"  that backlog ({backlog} pending) drained in {drained:.1f} s once the council answered:"
+                f" {backlog / drained:.0f} msgs/s  [load {load_average()}]"
+            )
         marks = []
         while sent < args.total:
             count = min(args.total - sent, 20_000)
@@ -357,10 +402,16 @@ def main() -> None:
     parser.add_argument("--validation", choices=["full", "datatypes"], default="datatypes", help="mapping.validation")
     parser.add_argument("--log-level", default="warning", help="serve's log.level (info: a line per stage)")
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for serve")
+    parser.add_argument("--workers", type=int, default=None, help="mllp.workers for serve (default: serve's own)")
+    parser.add_argument(
+        "--no-held", action="store_true", help="leave out the max AA phase with delivery held back and its drain"
+    )
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.max_messages, args.rate_seconds, args.total, args.map_messages = 2000, 5, 0, 500
+    if args.workers is not None:
+        args.env.append(f"HOMEWARD_MLLP_WORKERS={args.workers}")
 
     print(
         f"Homeward scale benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load {load_average()},"
@@ -373,7 +424,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         sink, sink_port = start_sink(tmp)
         try:
-            live(tmp, sink_port, args)
+            live(tmp, sink, sink_port, args)
         finally:
             sink.terminate()
             sink.wait(10)

@@ -138,3 +138,16 @@ def test_refused_and_filtered_messages_reach_no_council(serve, council: Council)
         "A05-1": "filtered",
         "A03-BST": "accepted",
     }
+
+
+def test_the_feeds_time_zone_is_a_setting(serve, council: Council) -> None:  # type: ignore[no-untyped-def]
+    """With HOMEWARD_MAPPING_TIMEZONE=Asia/Kolkata, v2 times without an offset reach the council at +05:30."""
+    process = serve(HOMEWARD_FHIR_BASE_URL=council.url, HOMEWARD_MAPPING_TIMEZONE="Asia/Kolkata")
+    with MllpClient("127.0.0.1", process.port, timeout=20) as client:
+        assert ack_fields(client.send(golden_message("ADT_A03/basic.hl7")))["MSA"][1] == "AA"
+    wait_until(lambda: "MSG00001" in council.applied, what="MSG00001 applied")
+    assert only(council, "Encounter")["period"] == {
+        "start": "2026-11-20T08:30:00+05:30",
+        "end": "2026-11-24T10:15:00+05:30",
+    }
+    assert only(council, "ServiceRequest")["authoredOn"] == "2026-11-24T10:25:00+05:30"  # EVN-2

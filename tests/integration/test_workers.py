@@ -39,6 +39,11 @@ def send_concurrently(port: int, batches: list[list[bytes]]) -> list[str]:
     return codes
 
 
+def nice(pid: int) -> int:
+    """The nice value of a process's main thread (/proc/PID/stat field 19)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
 class TestIntakeWorkers:
     def test_two_workers_keep_every_guarantee_and_a_killed_one_is_replaced(self, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         """With two intake workers: all AA, resends are duplicates across workers, a SIGKILLed worker is
@@ -55,6 +60,10 @@ class TestIntakeWorkers:
         server.wait_for_log("mllp.worker_started", count=3)
         more = [[adt(f"X{c}-{i}", patient=c, visit=f"V{c}") for i in range(4)] for c in range(6)]
         assert send_concurrently(server.port, more) == ["AA"] * 24
+        # The delivery thread runs at mllp.delivery_nice; the workers, the restarted one too, at full priority.
+        workers = [line["pid"] for line in server.log_lines() if line.get("event") == "mllp.worker_started"]
+        assert nice(server.proc.pid) == 10
+        assert [nice(pid) for pid in workers[1:]] == [0, 0]
 
         store = tmp_path / "homeward.sqlite3"
         outcomes = dict(store_rows(store, "SELECT outcome, count(*) FROM inbound GROUP BY outcome"))

@@ -43,6 +43,13 @@ class TestSettings:
         with pytest.raises(ConfigError, match=r"mllp\.port \(from HOMEWARD_MLLP_PORT\)"):
             Settings.load(None, environ={"HOMEWARD_MLLP_PORT": "not-a-port"})
 
+    def test_time_zone_defaults_to_london_and_a_bad_one_is_refused(self) -> None:
+        """mapping.timezone is Europe/London unless set; a name that is not an IANA zone stops start-up naming the key."""
+        assert Settings.load(None, environ={}).mapping.timezone == "Europe/London"
+        assert Settings.load(None, environ={"HOMEWARD_MAPPING_TIMEZONE": "UTC"}).mapping.timezone == "UTC"
+        with pytest.raises(ConfigError, match=r"mapping\.timezone \(from HOMEWARD_MAPPING_TIMEZONE\).*Europe/Londn"):
+            Settings.load(None, environ={"HOMEWARD_MAPPING_TIMEZONE": "Europe/Londn"})
+
     def test_unknown_key_in_toml_is_refused(self, tmp_path: Path) -> None:
         """A misspelt key in the TOML file stops start-up, naming the key and the file."""
         toml = tmp_path / "h.toml"
@@ -58,6 +65,20 @@ class TestSettings:
                 '[[targets]]\nname = "b"\nbase_url = "https://b"\nheaders = { authorization = "Bearer sekrit" }\n',
                 "targets[0].headers.Authorization",
             ),
+            (
+                '[[targets]]\nname = "b"\nbase_url = "https://b"\nheaders = { "x-api-key" = "sekrit-key" }\n',
+                "targets[0].headers.X-Api-Key",
+            ),
+            ('[store]\nurl = "postgresql://homeward:sekrit@db:5432/hw"\n', "store.url"),
+            ('[store]\nurl = "postgresql://homeward@db/hw?sslmode=require&password=sekrit"\n', "store.url"),
+            ('[fhir]\nbase_url = "https://svc:sekrit@council.example/fhir"\n', "fhir.base_url"),
+            ('[[targets]]\nname = "b"\nbase_url = "https://u:sekrit@b.example/fhir"\n', "targets[0].base_url"),
+            ('[audit]\nfhir_url = "https://u:sekrit@arr.example/fhir"\n', "audit.fhir_url"),
+            (
+                '[[targets]]\nname = "b"\nbase_url = "https://b"\n'
+                'auth = { kind = "oauth2", token_url = "https://t", client_id = "c", client_secret = "sekrit" }\n',
+                "targets.0.auth.client_secret",
+            ),
         ],
     )
     def test_secret_written_in_toml_is_refused(self, tmp_path: Path, toml: str, named: str) -> None:
@@ -71,6 +92,20 @@ class TestSettings:
         if named == "audit.hmac_key":
             env = {"HOMEWARD_AUDIT_HMAC_KEY": "sekrit-audit-key-0123456789"}
             assert Settings.load(None, environ=env).audit.hmac_key.get_secret_value().startswith("sekrit")
+        if named == "store.url":
+            env = {"HOMEWARD_STORE_URL": "postgresql://homeward:sekrit@db:5432/hw"}
+            assert Settings.load(None, environ=env).store.url.endswith("@db:5432/hw")
+
+    def test_urls_without_a_password_are_fine(self, tmp_path: Path) -> None:
+        """A user name, a port, a query without password=, or a plain X-Request-Source header pass."""
+        path = tmp_path / "h.toml"
+        path.write_text(
+            '[store]\nurl = "postgresql://homeward@db:5432/hw?sslmode=require"\n'
+            '[[targets]]\nname = "b"\nbase_url = "https://b.example:8443/fhir?_format=json"\n'
+            'headers = { "X-Request-Source" = "homeward" }\n'
+        )
+        settings = Settings.load(path, environ={})
+        assert settings.store.url.startswith("postgresql://homeward@") and settings.targets[0].headers
 
     def test_example_file_loads_and_documents_every_key(self) -> None:
         """examples/homeward.toml loads, and every settings key appears in it."""

@@ -148,6 +148,27 @@ class TestLifeCycle:
             "Provenance",
         ]
 
+    def test_next_of_kin_keep_their_resources_whatever_the_order(self, mappings: MappingSet) -> None:
+        """NK1s sent in another order, with a new one first, still update the same RelatedPerson each (keyed by NK1-2)."""
+        text = (GOLDEN / "ADT_A03/v26_full.hl7").read_text(encoding="utf-8")
+        lines = text.splitlines()
+        nk1 = [line for line in lines if line.startswith("NK1")]
+        others = [line for line in lines if not line.startswith("NK1")]
+        reordered = [*others[:4], "NK1|1|BROWN^PAT|FND^Friend", *nk1[::-1], *others[4:]]
+
+        def people(result: MapResult) -> dict[str, str]:
+            return {e["resource"]["name"][0]["family"]: e["request"]["url"] for e in resources(result, "RelatedPerson")}
+
+        before, after = people(map_text(text, mappings)), people(map_text("\n".join(reordered), mappings))
+        assert before.items() <= after.items() and set(after) == {"SMITH", "JONES", "BROWN"}
+
+    def test_the_same_name_twice_gives_two_resources(self, mappings: MappingSet) -> None:
+        """Two NK1s with one name (a father and son, say) are told apart by their place: two entries, distinct fullUrls."""
+        text = (GOLDEN / "ADT_A08/next_of_kin.hl7").read_text(encoding="utf-8")
+        (line,) = [line for line in text.splitlines() if line.startswith("NK1")]
+        result = map_text(text.replace(line, f"{line}\n{line.replace('NK1|1|', 'NK1|2|')}"), mappings)
+        assert len({e["fullUrl"] for e in resources(result, "RelatedPerson")}) == 2
+
     def test_admission_transfer_leave_and_cancel_move_one_encounter(self, mappings: MappingSet) -> None:
         """A01 -> A02 -> A21 -> A22 -> A12 -> A11 of one visit update one Encounter: location, leave, back, error."""
         cases = [
@@ -263,6 +284,20 @@ class TestContentRules:
         summer = resources(map_case("ADT_A03/bst_offset", mappings), "Encounter")[0]["resource"]["period"]
         winter = resources(map_case("ADT_A03/basic", mappings), "Encounter")[0]["resource"]["period"]
         assert summer["end"] == "2026-07-15T10:15:00+01:00" and winter["end"] == "2026-11-24T10:15:00+00:00"
+
+    @pytest.mark.parametrize(
+        ("wall_clock", "written"),
+        [
+            ("20261025013000", "2026-10-25T01:30:00+01:00"),  # 01:30 happens twice as clocks go back: the first (BST)
+            ("20260329013000", "2026-03-29T01:30:00+00:00"),  # 01:30 never happens as clocks go forward: read as GMT
+            ("20260329023000", "2026-03-29T02:30:00+01:00"),  # just after the change: BST
+        ],
+        ids=["clocks-back", "clocks-forward-gap", "after-clocks-forward"],
+    )
+    def test_the_nights_the_clocks_change(self, mappings: MappingSet, wall_clock: str, written: str) -> None:
+        """A wall-clock PV1-45 on a change-over night in London gets one definite offset, never an error or a guess that varies."""
+        text = (GOLDEN / "ADT_A03/basic.hl7").read_text(encoding="utf-8").replace("|20261124101500", f"|{wall_clock}")
+        assert resources(map_text(text, mappings), "Encounter")[0]["resource"]["period"]["end"] == written
 
     def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
         """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
@@ -483,6 +518,11 @@ class TestStartupValidation:
         ("file", "change", "expected"),
         [
             (
+                "messages/ADT_A03.yaml",
+                lambda d: d["resources"][5].update(anchor_fields=["NK12"]),
+                "ADT_A03.yaml: resources[5]: anchor_fields[0]",
+            ),
+            (
                 "vocabulary/DischargeDestination.yaml",
                 lambda d: d.update(unmapped="guess"),
                 "DischargeDestination.yaml: unmapped: expected error | default | omit | text",
@@ -514,6 +554,7 @@ class TestStartupValidation:
             ),
         ],
         ids=[
+            "anchor-field",
             "unmapped-policy",
             "default-not-in-map",
             "entry-without-code",
