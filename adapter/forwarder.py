@@ -98,11 +98,9 @@ class Forwarder:
         self._claimed_at: dict[int, float] = {}  # held rows, by outbox id: when this process claimed them
         self._busy: set[asyncio.Task[None]] = set()  # sends under way
         self._workers: list[asyncio.Task[None]] = []
-        # Outcomes waiting for the recorder, which records them all in one store call.
+        # Outcomes of this turn of the event loop, recorded together by one store call (_flush).
         self._outcomes: list[AttemptOutcome] = []
-        self._outcome_ready = asyncio.Event()
-        self._recording = False
-        self._recorder: asyncio.Task[None] | None = None
+        self._recording: set[asyncio.Task[None]] = set()  # store calls recording outcomes
         # Look with a full claim (a scan of the pending rows): at start, when woken, at each poll, and
         # while the last one came back full (more may be waiting).
         self._look = True
@@ -116,7 +114,6 @@ class Forwarder:
     async def run(self) -> None:
         log.info("forwarder.started", targets=sorted(self.targets), max_in_flight=self.max_in_flight)
         self._workers = [asyncio.create_task(self._sender()) for _ in range(self.max_in_flight)]
-        self._recorder = asyncio.create_task(self._record_loop())
         while not self._stopping:
             self._wake.clear()
             await self._claim()
@@ -176,11 +173,9 @@ class Forwarder:
             for task in still:
                 task.cancel()  # its lease runs out and the row is claimed again later
         # Outcomes of the sends that finished: recorded before the store closes.
-        while (self._outcomes or self._recording) and time.monotonic() < deadline:
-            self._outcome_ready.set()
-            await asyncio.sleep(0.01)
-        if self._recorder is not None:
-            self._recorder.cancel()
+        self._flush()
+        if self._recording:
+            await asyncio.wait(list(self._recording), timeout=max(0.1, deadline - time.monotonic()))
         # Rows claimed but not sent keep their claim until the lease ends (a restart of serve frees them).
         for target in self.targets.values():
             await target.aclose()
@@ -220,35 +215,35 @@ class Forwarder:
         )
 
     def _record(self, outcome: AttemptOutcome) -> None:
-        """Queue an outcome for the recorder without holding the sender: outcomes of many sends share one commit."""
+        """Queue an outcome without holding the sender. The outcomes that finish in one turn of the event
+        loop go to the store together, at once: the store's own group commit takes them with whatever
+        else is waiting, and a crash can only repeat sends whose outcomes were in that commit or in flight."""
+        if not self._outcomes:
+            asyncio.get_running_loop().call_soon(self._flush)
         self._outcomes.append(outcome)
-        self._outcome_ready.set()
 
-    async def _record_loop(self) -> None:
-        """Record every outcome waiting, in one store call; those that finish meanwhile wait for the next."""
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            if not self._outcomes:
-                continue
-            batch, self._outcomes = self._outcomes, []
-            self._recording = True
-            try:
-                following = await self.store.record_outcomes(batch, self.clock(), LEASE_SECONDS)
-            except Exception:  # StoreUnavailable, or a bug: either way the recorder must go on
-                # Not recorded: the leases run out and the rows are sent again (every entry is
-                # conditional, so the repeat changes nothing at the server).
-                for outcome in batch:
-                    log.error("store.unavailable", stage="record_delivery", outbox_id=outcome.item.id)
-                    self._release(outcome.item)
-                continue
-            finally:
-                self._recording = False
-            for outcome, nxt in zip(batch, following, strict=True):
-                self._recorded(outcome)
-                if nxt is not None and not self._stopping:
-                    self._hold(nxt)
+    def _flush(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+        if batch:
+            task = asyncio.create_task(self._record_batch(batch))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record_batch(self, batch: list[AttemptOutcome]) -> None:
+        try:
+            following = await self.store.record_outcomes(batch, self.clock(), LEASE_SECONDS)
+        except Exception:  # StoreUnavailable, or a bug: either way the rows go back
+            # Not recorded: the leases run out and the rows are sent again (every entry is
+            # conditional, so the repeat changes nothing at the server).
+            for outcome in batch:
+                log.error("store.unavailable", stage="record_delivery", outbox_id=outcome.item.id)
                 self._release(outcome.item)
+            return
+        for outcome, nxt in zip(batch, following, strict=True):
+            self._recorded(outcome)
+            if nxt is not None and not self._stopping:
+                self._hold(nxt)
+            self._release(outcome.item)
 
     def _recorded(self, outcome: AttemptOutcome) -> None:
         """After the commit: metrics, the FHIR AuditEvent and the log line of one outcome."""
