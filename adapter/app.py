@@ -77,7 +77,7 @@ class App:
         self.admin: AdminServer | None = None
         if settings.admin.port is not None:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
-        self._queue_collector = QueueCollector(self.queue_stats)
+        self._queue_collector = QueueCollector(self.queue_stats, self.store.last_received_at)
         self._stop = asyncio.Event()
 
     def wake_delivery(self) -> None:

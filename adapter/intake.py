@@ -123,7 +123,6 @@ class Intake:
         metrics.RECEIVED.labels(event).inc()
         metrics.ACKED.labels(event, code.value).inc()
         metrics.ACK_LATENCY.observe(elapsed)
-        metrics.LAST_RECEIVED.set(record.received_at)
         bound.info("message.acked", ack_code=code.value, outcome=outcome, duration_ms=round(elapsed * 1000, 3))
         return Handled(ack, code, outcome, reason)
 
@@ -150,7 +149,6 @@ class Intake:
         await self._refuse(record, exc, bound)
         metrics.RECEIVED.labels("unknown").inc()
         metrics.ACKED.labels("unknown", AckCode.REJECT.value).inc()
-        metrics.LAST_RECEIVED.set(record.received_at)
         return build_ack(header, AckCode.REJECT, error_code="207", text=reason)
 
     async def incomplete(self, partial: bytes, peer: str, reason: str) -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,9 +27,6 @@ RECEIVED = Counter(
     registry=REGISTRY,
 )
 ACKED = Counter("homeward_messages_acked", "ACKs sent, by event and MSA-1 code", ["event", "code"], registry=REGISTRY)
-LAST_RECEIVED = Gauge(
-    "homeward_last_message_received_timestamp_seconds", "Unix time of the last frame received", registry=REGISTRY
-)
 DELIVERED = Counter(
     "homeward_messages_delivered", "Deliveries accepted by their target", ["event", "target"], registry=REGISTRY
 )
@@ -64,10 +61,17 @@ AUDIT_EVENTS = Counter(
 
 
 class QueueCollector(Collector):
-    """queue depth, age of the oldest undelivered message and dead letters waiting, per target."""
+    """Queue depth, age of the oldest undelivered message and dead letters waiting, per target, and when
+    the last frame arrived: read from the store, so right after a restart, with intake workers in other
+    processes, and with several instances on one database."""
 
-    def __init__(self, stats: Callable[[], Iterable[tuple[str, int, float | None, int]]]):
+    def __init__(
+        self,
+        stats: Callable[[], Iterable[tuple[str, int, float | None, int]]],
+        last_received: Callable[[], float | None] = lambda: None,
+    ):
         self.stats = stats
+        self.last_received = last_received
 
     def collect(self) -> Iterable[Any]:
         depth = GaugeMetricFamily("homeward_queue_depth", "Deliveries waiting (pending)", labels=["target"])
@@ -87,6 +91,14 @@ class QueueCollector(Collector):
         yield depth
         yield oldest
         yield dead
+        last = GaugeMetricFamily(
+            "homeward_last_message_received_timestamp_seconds",
+            "Unix time of the newest frame in the store (absent until there is one)",
+        )
+        received_at = self.last_received()
+        if received_at is not None:  # no sample rather than 0, which would read as "quiet since 1970"
+            last.add_metric([], received_at)
+        yield last
 
     def describe(self) -> Iterable[Any]:
         return []

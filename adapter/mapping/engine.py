@@ -104,7 +104,10 @@ class _Run:
     def read(self, source: str, segment: Segment | None) -> tuple[list[Repetition], str]:
         """Repetitions at `source` ("PID-3", "PID-3.1", "OBX[3=DRD]-5"); components give one-component views."""
         seg_name, selector, parts = _parse_source(source)
-        seg = self.segment_for(seg_name, selector, segment)
+        if selector is None and segment is not None and segment.fields[0] == seg_name:
+            seg: Segment | None = segment  # the segment a `foreach` is on (segment_for, without the call)
+        else:
+            seg = self.segment_for(seg_name, selector, segment)
         if seg is None:
             return [], source
         self.used.add((seg_name, parts[0]))
@@ -371,12 +374,26 @@ def _apply(
                 )
             if rule.template is not None and rule.into is not None:
                 result = fill(rule.template, rule.into, result)
+            if rule.unique and _already_there(target, rule.element, result):
+                continue
             set_path(target, rule.element, result, rule.info.is_list)
             if run.explain:
                 source = "(value)" if rule.source is None else location
                 if rule.vocabulary:
                     source = f"{source} via {rule.vocabulary}"
                 run.trace.append(TraceLine(f"{where}.{rule.element}", source, rule.origin))
+
+
+def _already_there(target: dict[str, Any], element: str, value: Any) -> bool:
+    """True when the list at `element` (a top-level element) holds `value`, or a concept with the same codes."""
+    existing = target.get(element, [])
+
+    def codes(item: Any) -> Any:
+        if isinstance(item, dict) and item.get("coding"):
+            return sorted((c.get("system", ""), c.get("code", "")) for c in item["coding"])
+        return item
+
+    return any(codes(item) == codes(value) for item in existing)
 
 
 def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str, where: str) -> Any:

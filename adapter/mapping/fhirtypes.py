@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -75,10 +75,11 @@ class ElementInfo:
 
     type: str  # "code", "dateTime", "CodeableConcept", "Reference", ...
     is_list: bool
+    # Derived from `type` once: the engine asks for every value it sets.
+    is_primitive: bool = field(init=False, compare=False)
 
-    @property
-    def is_primitive(self) -> bool:
-        return self.type[0].islower()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_primitive", self.type[0].islower())
 
 
 class UnknownElement(LookupError):

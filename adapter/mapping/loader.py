@@ -40,6 +40,7 @@ _RULE_KEYS = {
     "template",
     "into",
     "all_segments",
+    "unique",
     "note",
 }
 _NO_SITE = SiteConfig({}, "reject", {})
@@ -308,4 +309,14 @@ def _rule(
         template=template,
         into=None if into is None else str(into),
         all_segments=bool(raw.get("all_segments", False)),
+        unique=_unique(raw, element, info.is_list, where),
     )
+
+
+def _unique(raw: dict[str, Any], element: str, is_list: bool, where: str) -> bool:
+    unique = raw.get("unique", False)
+    if not isinstance(unique, bool):
+        raise ConfigError(f"{where}: unique: expected true or false")
+    if unique and (not is_list or not element.isidentifier()):
+        raise ConfigError(f"{where}: unique: only for a repeating element of the resource itself (e.g. reasonCode)")
+    return unique

@@ -41,6 +41,9 @@ class Rule:
     template: dict[str, Any] | None = None
     into: str | None = None
     all_segments: bool = False  # read the field from every segment of that name (each DG1, each NTE)
+    # Leave out a value the list already holds (the same codes when it has a coding): PV2-3 and a DG1
+    # often give the same diagnosis, and the council should read it once.
+    unique: bool = False
 
 
 @dataclass(frozen=True, slots=True)

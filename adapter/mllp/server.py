@@ -22,6 +22,11 @@ from adapter.mllp.framing import Frame, FrameReader, Junk, OversizeFrame, Unterm
 log = structlog.get_logger("homeward.mllp")
 
 READ_CHUNK = 65536
+# Intake workers share one listening socket (adapter/workers.py), and the kernel wakes every worker for
+# each new connection: the first to call accept() takes it, so one worker would take a whole burst of
+# connections while the other idles (8 of 8, measured). A worker first waits this long for each
+# connection it already serves, so the less busy worker takes the next one.
+ACCEPT_DELAY_SECONDS = 0.002
 
 
 class FrameHandler(Protocol):
@@ -59,17 +64,22 @@ class MllpServer:
         # An intake worker accepts on a socket its serve process bound (adapter/workers.py).
         self.sock = sock
         self._server: asyncio.Server | None = None
+        self._accepting: asyncio.Task[None] | None = None  # a worker's accept loop (given `sock`)
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a frame
         self._closing = False
 
     @property
     def port(self) -> int:
+        if self.sock is not None:
+            return int(self.sock.getsockname()[1])
         assert self._server is not None, "start() first"
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def listening(self) -> bool:
         """Bound and accepting connections (for /readyz)."""
+        if self._accepting is not None:
+            return not self._accepting.done() and not self._closing
         return self._server is not None and self._server.is_serving() and not self._closing
 
     @property
@@ -77,24 +87,52 @@ class MllpServer:
         return len(self._connections)
 
     async def start(self) -> None:
-        if self.ssl_context is None:
-            if self.sock is not None:
-                self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=READ_CHUNK)
-            else:
-                self._server = await asyncio.start_server(self._serve, self.host, self.requested_port, limit=READ_CHUNK)
+        if self.sock is not None:
+            self.sock.setblocking(False)
+            self._accepting = asyncio.create_task(self._accept_shared(self.sock))
+        elif self.ssl_context is None:
+            self._server = await asyncio.start_server(self._serve, self.host, self.requested_port, limit=READ_CHUNK)
         else:
             # The handshake is run per connection (_tls) rather than by the server, so a failed one
             # (no or wrong client certificate) is logged here; asyncio would only debug-log it.
             loop = asyncio.get_running_loop()
-            if self.sock is not None:
-                self._server = await loop.create_server(lambda: _TlsGate(self), sock=self.sock)
-            else:
-                self._server = await loop.create_server(lambda: _TlsGate(self), self.host, self.requested_port)
+            self._server = await loop.create_server(lambda: _TlsGate(self), self.host, self.requested_port)
         log.info("mllp.listening", host=self.host, port=self.port, tls=self.ssl_context is not None)
+
+    async def _accept_shared(self, sock: socket.socket) -> None:
+        """Accept on a socket other workers accept on too, one connection at a time, the less busy first."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _settle_once, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(sock.fileno())
+            if self._connections:
+                await asyncio.sleep(ACCEPT_DELAY_SECONDS * len(self._connections))
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker took it
+            except OSError as exc:  # out of descriptors, say: logged, and tried again shortly
+                log.warning("mllp.accept_failed", error=type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            if self.ssl_context is None:
+                await loop.connect_accepted_socket(
+                    lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_CHUNK), self._serve), conn
+                )
+            else:
+                await loop.connect_accepted_socket(lambda: _TlsGate(self), conn)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; give busy connections `grace` seconds to finish their frame."""
         self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
         if self._server is not None:
             self._server.close()
         for task, busy in list(self._connections.items()):
@@ -203,6 +241,11 @@ class MllpServer:
             return
         writer.write(wrap(ack))
         await writer.drain()
+
+
+def _settle_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _TlsGate(asyncio.Protocol):

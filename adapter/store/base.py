@@ -272,6 +272,10 @@ class Store(Protocol):
         """Return once a write transaction has committed; raise StoreUnavailable otherwise."""
         ...
 
+    def last_received_at(self) -> float | None:
+        """When the newest frame was received, by any process on this store (None: none yet)."""
+        ...
+
     def audit_head(self) -> tuple[int, str]:
         """Where the audit chain ends now: (seq, hash); (0, GENESIS) when empty."""
         ...

@@ -579,6 +579,10 @@ class SqliteStore:
         )
         return [(r[0], int(r[1]), r[2], int(r[3])) for r in rows]
 
+    def last_received_at(self) -> float | None:
+        value = self.query("SELECT max(received_at) FROM inbound")[0][0]  # inbound_received: one index step
+        return None if value is None else float(value)
+
     def check_writable(self, timeout: float) -> None:
         # Through the writer thread: proves the thread is alive and can take the write lock and commit.
         try:

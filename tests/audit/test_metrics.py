@@ -235,3 +235,30 @@ def test_readyz_fails_while_the_store_cannot_commit(serve) -> None:  # type: ign
         locker.execute("ROLLBACK")
         locker.close()
     assert get(f"http://127.0.0.1:{admin}/readyz") == (200, "ready\n")
+
+
+def test_last_received_comes_from_the_store(serve) -> None:  # type: ignore[no-untyped-def]
+    """Absent on an empty store (no false "quiet since 1970"); after a restart it is the newest stored frame's
+    time before anything new arrives; with intake workers (other processes) it still moves."""
+    import sqlite3
+
+    from tests.integration.test_delivery import adt, send
+
+    def last(admin: int) -> float | None:
+        return scrape(admin).get(("homeward_last_message_received_timestamp_seconds", ()))
+
+    admin = free_port()
+    first = serve(HOMEWARD_ADMIN_PORT=str(admin))
+    wait_for(lambda: _up(admin))
+    assert last(admin) is None
+    assert send(first.port, adt("LR-1")) == ["AA"]
+    stored = sqlite3.connect(first.env["HOMEWARD_STORE"]).execute("SELECT max(received_at) FROM inbound").fetchone()[0]
+    assert last(admin) == stored
+    first.stop()
+
+    admin = free_port()
+    second = serve(HOMEWARD_ADMIN_PORT=str(admin), HOMEWARD_MLLP_WORKERS="1")
+    wait_for(lambda: _up(admin))
+    assert last(admin) == stored  # the restart did not reset it
+    assert send(second.port, adt("LR-2", patient=2, visit="VLR2")) == ["AA"]  # taken by the worker process
+    assert wait_for(lambda: (value := last(admin)) is not None and value > stored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -10,6 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
+from adapter.mllp.client import MllpClient
+from tests.conftest import ack_fields
 from tests.integration.test_delivery import adt, send, wait_until
 
 
@@ -44,7 +47,42 @@ def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
 
 
+def connections_per_process(port: int, pids: list[int]) -> list[int]:
+    """How many established TCP connections on local `port` each process holds (/proc/net/tcp and its fds)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01":  # 01: ESTABLISHED
+                inodes.add(cols[9])
+    counts = []
+    for pid in pids:
+        held = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                held += target.startswith("socket:[") and target[8:-1] in inodes
+        counts.append(held)
+    return counts
+
+
 class TestIntakeWorkers:
+    def test_a_burst_of_connections_is_shared_between_the_workers(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """Eight connections opened at once are spread over both workers (the first to wake does not take them all)."""
+        server = serve(HOMEWARD_MLLP_WORKERS="2", HOMEWARD_LOG_LEVEL="info")
+        server.wait_for_log("mllp.listening", count=3)  # serve's own line, then each worker's
+        workers = [line["pid"] for line in server.wait_for_log("mllp.worker_started", count=2)]
+        clients = [MllpClient("127.0.0.1", server.port, timeout=20) for _ in range(8)]
+        try:
+            for n, client in enumerate(clients):  # each connection has been accepted and served by now
+                assert ack_fields(client.send(adt(f"B{n}", patient=n, visit=f"V{n}")))["MSA"][1] == "AA"
+            counts = connections_per_process(server.port, workers)
+        finally:
+            for client in clients:
+                client.close()
+        assert sum(counts) == 8
+        assert min(counts) >= 1, counts  # without the accept delay: [8, 0] (the spread is usually 4 and 4)
+
     def test_two_workers_keep_every_guarantee_and_a_killed_one_is_replaced(self, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         """With two intake workers: all AA, resends are duplicates across workers, a SIGKILLed worker is
         restarted, every message is delivered once, the audit chain verifies, and SIGTERM stops them all."""

@@ -325,3 +325,19 @@ class TestPeopleActions:
             assert (item.id, item.bundle, item.event_time) == (one, b'{"m":"P1"}', None)  # exempt from the stale rule
 
         run(body())
+
+
+class TestMonitoring:
+    def test_last_received_at(self, store_factory) -> None:  # type: ignore[no-untyped-def]
+        """None on an empty store; then the newest frame's receive time, refused frames included."""
+        store = store_factory()
+        assert store.last_received_at() is None
+
+        async def body() -> None:
+            await put(store, "L1", "p1", at=NOW + 5)
+            await put(store, "L2", "p2", at=NOW + 2)  # stored later, received earlier (another worker)
+            assert store.last_received_at() == NOW + 5
+            await store.record(record("L3", at=NOW + 9), Outcome.REFUSED, "AR", "not on the list")
+            assert store.last_received_at() == NOW + 9
+
+        run(body())

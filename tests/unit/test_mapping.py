@@ -299,7 +299,12 @@ class TestContentRules:
         text = (GOLDEN / "ADT_A03/basic.hl7").read_text(encoding="utf-8").replace("|20261124101500", f"|{wall_clock}")
         assert resources(map_text(text, mappings), "Encounter")[0]["resource"]["period"]["end"] == written
 
-    def test_bridging_care_plan_lasts_seven_days(self, mappings: MappingSet) -> None:
+    def test_a_reason_given_twice_is_sent_once(self, mappings: MappingSet) -> None:
+        """PV2-3 delirium (SNOMED 2776000 via the code table) and a DG1 with the same code: one reasonCode, then the ICD-10 one."""
+        referral = resources(map_case("ADT_A03/v26_full", mappings), "ServiceRequest")[0]["resource"]
+        codes = [(c["coding"][0]["system"], c["coding"][0]["code"]) for c in referral["reasonCode"]]
+        assert codes == [("http://snomed.info/sct", "2776000"), ("http://hl7.org/fhir/sid/icd-10", "F05.9")]
+
         """Services BRIDGING~REABLE~EQUIP: one activity each after the referral, and a 7-day plan."""
         plan = resources(map_case("ADT_A03/v26_full", mappings), "CarePlan")[0]["resource"]
         codes = [a["detail"]["code"]["coding"][0]["code"] for a in plan["activity"][1:]]
@@ -518,6 +523,11 @@ class TestStartupValidation:
         ("file", "change", "expected"),
         [
             (
+                "segments/Referral-ServiceRequest.yaml",
+                lambda d: d["rules"][1].update(unique=True),  # intent: one value
+                "Referral-ServiceRequest.yaml: rules[1]: unique: only for a repeating element",
+            ),
+            (
                 "messages/ADT_A03.yaml",
                 lambda d: d["resources"][5].update(anchor_fields=["NK12"]),
                 "ADT_A03.yaml: resources[5]: anchor_fields[0]",
@@ -554,6 +564,7 @@ class TestStartupValidation:
             ),
         ],
         ids=[
+            "unique-on-a-single-element",
             "anchor-field",
             "unmapped-policy",
             "default-not-in-map",
