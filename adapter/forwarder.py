@@ -31,6 +31,10 @@ LEASE_SECONDS = 120.0
 IDLE_POLL_SECONDS = 1.0
 # Rows claimed ahead per sender (within the store's max_claims), so senders never wait on a claim.
 CLAIM_AHEAD = 32
+# Outcomes sent but not yet committed, at most: senders pause beyond this, so a crash repeats at most
+# max_in_flight + MAX_UNRECORDED sends (harmless, every entry is conditional, but wasted) however slow
+# the store's commits get. Only a commit slower than MAX_UNRECORDED sends ever holds the senders.
+MAX_UNRECORDED = 32
 
 
 class RetryPolicy:
@@ -101,6 +105,8 @@ class Forwarder:
         # Outcomes of this turn of the event loop, recorded together by one store call (_flush).
         self._outcomes: list[AttemptOutcome] = []
         self._recording: set[asyncio.Task[None]] = set()  # store calls recording outcomes
+        self._unrecorded = 0  # outcomes waiting or being recorded
+        self._committed = asyncio.Event()  # set whenever a store call recording outcomes returns
         # Look with a full claim (a scan of the pending rows): at start, when woken, at each poll, and
         # while the last one came back full (more may be waiting).
         self._look = True
@@ -150,6 +156,9 @@ class Forwarder:
 
     async def _sender(self) -> None:
         while True:
+            while self._unrecorded >= MAX_UNRECORDED:
+                self._committed.clear()
+                await self._committed.wait()
             item = await self._ready.get()
             if self.clock() - self._claimed_at.get(item.id, 0.0) > LEASE_SECONDS / 2:
                 # Waited too long behind a slow target: its lease may run out mid-send and the row go
@@ -221,6 +230,7 @@ class Forwarder:
         if not self._outcomes:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outcomes.append(outcome)
+        self._unrecorded += 1
 
     def _flush(self) -> None:
         batch, self._outcomes = self._outcomes, []
@@ -233,17 +243,23 @@ class Forwarder:
         try:
             following = await self.store.record_outcomes(batch, self.clock(), LEASE_SECONDS)
         except Exception:  # StoreUnavailable, or a bug: either way the rows go back
+            self._recorded_batch(batch)
             # Not recorded: the leases run out and the rows are sent again (every entry is
             # conditional, so the repeat changes nothing at the server).
             for outcome in batch:
                 log.error("store.unavailable", stage="record_delivery", outbox_id=outcome.item.id)
                 self._release(outcome.item)
             return
+        self._recorded_batch(batch)
         for outcome, nxt in zip(batch, following, strict=True):
             self._recorded(outcome)
             if nxt is not None and not self._stopping:
                 self._hold(nxt)
             self._release(outcome.item)
+
+    def _recorded_batch(self, batch: list[AttemptOutcome]) -> None:
+        self._unrecorded -= len(batch)
+        self._committed.set()
 
     def _recorded(self, outcome: AttemptOutcome) -> None:
         """After the commit: metrics, the FHIR AuditEvent and the log line of one outcome."""
