@@ -171,6 +171,8 @@ def map_message(message: Hl7Message, mappings: MappingSet, tz: ZoneInfo, *, expl
         segments: list[Segment | None] = list(message.all(rm.foreach)) if rm.foreach else [None]
         for index, segment in enumerate(segments, start=1):
             if rm.when is not None and not run.holds(rm.when, segment):
+                if run.explain:  # say why a resource an engineer expects is missing (A08: no referral)
+                    run.trace.append(TraceLine(rm.resource_type, "(not built: its when: does not hold)", rm.origin))
                 continue
             entries.append(_entry(run, rm, segment, index))
     for target, rule in run.pending:

@@ -55,11 +55,14 @@ class TestTls:
                     raise ConnectionError("closed")
         process.wait_for_log("mllp.tls_refused")
 
-    def test_mutual_tls_requires_a_client_certificate(self, serve, pki) -> None:  # type: ignore[no-untyped-def]
+    @pytest.mark.parametrize("workers", ["0", "2"])
+    def test_mutual_tls_requires_a_client_certificate(self, serve, pki, workers: str) -> None:  # type: ignore[no-untyped-def]
+        """Also with intake workers, which accept on the shared socket themselves and then hand over to TLS."""
         process = serve(
             HOMEWARD_MLLP_TLS_CERT_FILE=str(pki["cert"]),
             HOMEWARD_MLLP_TLS_KEY_FILE=str(pki["key"]),
             HOMEWARD_MLLP_TLS_CLIENT_CA_FILE=str(pki["ca_file"]),
+            HOMEWARD_MLLP_WORKERS=workers,
         )
         with MllpClient("127.0.0.1", process.port, timeout=10, ssl_context=client_context(pki, True)) as client:
             assert ack_fields(client.send(adt("MTLS-1")))["MSA"][1] == "AA"

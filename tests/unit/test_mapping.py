@@ -605,7 +605,13 @@ class TestExplain:
         assert any("Encounter.extension" in line and "PV2-9" in line for line in lines)
         assert lines[-1] == "not used by any rule: EVN-1, PID-1, PV1-1, OBX (whole segment)"
 
-    def test_a_rich_discharge_drops_only_set_ids_and_the_expected_date(self, mappings: MappingSet) -> None:
+    def test_explain_says_which_resource_a_condition_left_out(self, mappings: MappingSet) -> None:
+        """An A08 with an expected date but no pathway: --explain names the referral its `when:` left out, and where."""
+        message = parse((GOLDEN / "ADT_A08/expected_date_only.hl7").read_bytes())
+        lines = explain(message, map_message(message, mappings, TZ, explain=True))
+        (line,) = [line for line in lines if "not built" in line]
+        assert line.split()[0] == "ServiceRequest" and "ADT_A08.yaml: resources[3]" in line
+
         """An A03 with PD1, NK1, PV2, DG1, NTE and ZDS: every field carried is mapped but set ids and PV2-9."""
         message = parse((GOLDEN / "ADT_A03/v26_full.hl7").read_bytes())
         result = map_message(message, mappings, TZ)
