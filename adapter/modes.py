@@ -29,7 +29,24 @@ def identifier_of(url: str) -> dict[str, str] | None:
     if "?identifier=" not in url:
         return None
     token = unquote(url.split("?identifier=", 1)[1].split("&", 1)[0])
-    system, _, value = token.rpartition("|")
+    # The first unescaped `|` ends the system; a backslash escapes the character after it (FHIR R4 search).
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in token:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "|" and not parts:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if not parts:
+        return {"value": "".join(current)}
+    system, value = parts[0], "".join(current)
     return {"system": system, "value": value} if system else {"value": value}
 
 

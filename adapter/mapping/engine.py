@@ -214,6 +214,15 @@ def _entry(run: _Run, rm: ResourceMap, segment: Segment | None, index: int) -> d
     return {"fullUrl": full_url, "resource": resource, "request": request}
 
 
+def search_escape(value: str) -> str:
+    """A search parameter value with `\\`, `|`, `,` and `$` escaped (FHIR R4 search, "Escaping Search Parameters").
+
+    Unescaped, a comma means OR: `identifier=system|V,1` matches visit "V" too, and the conditional
+    update would overwrite that visit's resource.
+    """
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+
+
 def _request(
     run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int, segment: Segment | None
 ) -> tuple[str, dict[str, str]]:
@@ -222,7 +231,8 @@ def _request(
         for ident in resource.get("identifier", []):
             if ident.get("system") == system and ident.get("value"):
                 full_url = f"urn:uuid:{deterministic_id(rm.resource_type, system, ident['value'])}"
-                url = f"{rm.resource_type}?identifier={quote(system, safe=':/')}|{quote(ident['value'], safe='')}"
+                token = f"{quote(search_escape(system), safe=':/')}|{quote(search_escape(ident['value']), safe='')}"
+                url = f"{rm.resource_type}?identifier={token}"
                 return full_url, {"method": "PUT", "url": url}
     if rm.identity:
         # Name the field the identifier comes from (PV1-19 for the visit's resources), as ERR-2 must.
