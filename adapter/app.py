@@ -14,8 +14,9 @@ from adapter.admin import AdminServer
 from adapter.audit.fhir_audit import AuditEventSender
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
+from adapter.delivery_workers import DeliveryWorkers
 from adapter.errors import ConfigError, StoreUnavailable
-from adapter.forwarder import Forwarder, RetryPolicy
+from adapter.forwarder import build_forwarder
 from adapter.intake import Intake
 from adapter.mapping.loader import load_mappings
 from adapter.mapping.routing import named_targets
@@ -37,7 +38,8 @@ class App:
     """One running adapter: listener + forwarder over one store.
 
     With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py,
-    run_worker) and this process runs the forwarder.
+    run_worker) and this process runs the forwarder; with delivery.workers = M > 0 the forwarder runs in
+    M processes instead (adapter/delivery_workers.py, run_delivery_worker), each with its share of the queues.
     """
 
     def __init__(self, settings: Settings, *, config: str | None = None):
@@ -55,15 +57,10 @@ class App:
                 f" (configured: {sorted(self.targets)})"
             )
         self.audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
-        self.forwarder = Forwarder(
-            self.store,
-            self.targets,
-            RetryPolicy(settings.retry),
-            # One worker per allowed request: the [fhir] cap plus each named target's.
-            max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
-            policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
-            audit_events=self.audit_events,
-        )
+        self.forwarder = build_forwarder(settings, self.store, self.targets, self.audit_events)
+        self.delivery_workers: DeliveryWorkers | None = None
+        if settings.delivery.workers:
+            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":
@@ -73,7 +70,7 @@ class App:
                 self.store,
                 self.mappings,
                 intake_options(settings),
-                on_accepted=self.forwarder.wake,
+                on_accepted=self.wake_delivery,
                 audit_keys=self.audit_keys,
             )
             self.server = mllp_server(settings, intake)
@@ -82,6 +79,13 @@ class App:
             self.admin = AdminServer(settings.admin.host, settings.admin.port, self.readiness)
         self._queue_collector = QueueCollector(self.queue_stats, self.store.last_received_at)
         self._stop = asyncio.Event()
+
+    def wake_delivery(self) -> None:
+        """A message was committed: wake whatever delivers (this process's forwarder or the delivery workers)."""
+        if self.delivery_workers is not None:
+            self.delivery_workers.wake()
+        else:
+            self.forwarder.wake()
 
     def queue_stats(self) -> list[tuple[str, int, float | None, int]]:
         """The store's per-target queue figures, with zeros for configured targets that have none."""
@@ -122,6 +126,8 @@ class App:
             problems.append("the MLLP listener is not bound")
         if self.workers is not None and self.workers.alive < self.workers.count:
             problems.append(f"{self.workers.alive} of {self.workers.count} intake workers running")
+        if self.delivery_workers is not None and self.delivery_workers.alive < self.delivery_workers.count:
+            problems.append(f"{self.delivery_workers.alive} of {self.delivery_workers.count} delivery workers running")
         try:
             self.store.check_writable(timeout=5.0)
         except StoreUnavailable as exc:
@@ -147,7 +153,7 @@ class App:
                 port=port,
                 tls=self.settings.mllp.tls_cert_file is not None,
             )
-            loop.add_signal_handler(signal.SIGUSR1, self.forwarder.wake)  # a worker committed a message
+            loop.add_signal_handler(signal.SIGUSR1, self.wake_delivery)  # a worker committed a message
             self.workers.start()
             tasks.append(asyncio.create_task(self.workers.supervise()))
         metrics.REGISTRY.register(self._queue_collector)
@@ -158,8 +164,13 @@ class App:
         if self.workers is not None:
             # After the threads that must keep full priority have started (the store's writer, which
             # holds the write turn, and the admin port): the ACK path in the workers comes first.
+            # Delivery workers started from here on inherit it.
             deprioritise_this_thread(self.settings.mllp.delivery_nice)
-        forwarder = asyncio.create_task(self.forwarder.run())
+        if self.delivery_workers is not None:  # the workers deliver, not this process
+            self.delivery_workers.start()
+            tasks.append(asyncio.create_task(self.delivery_workers.supervise()))
+        else:
+            tasks.append(asyncio.create_task(self.forwarder.run()))
         retention = asyncio.create_task(self.purge_loop())
         checkpoints = asyncio.create_task(self.checkpoint_loop())
         tasks += [retention, checkpoints]
@@ -178,11 +189,13 @@ class App:
             await self.server.stop(grace)
         if self.workers is not None:
             await self.workers.stop(grace)
-        await self.forwarder.stop(grace)
-        forwarder.cancel()
+        if self.delivery_workers is not None:
+            await self.delivery_workers.stop(grace)
+        else:
+            await self.forwarder.stop(grace)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(forwarder, *tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.audit_events is not None:
             await self.audit_events.aclose(grace)
         if self.admin is not None:

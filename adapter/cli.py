@@ -46,6 +46,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd)))
         return 0
+    if args.deliver_shard is not None:
+        # Started by a serve process with delivery.workers, to deliver its share of the queues (and
+        # import nothing of the intake's).
+        from adapter.delivery_workers import end_with_parent, run_delivery_worker
+
+        end_with_parent()
+        asyncio.run(run_delivery_worker(settings, args.deliver_shard))
+        return 0
     from adapter.app import App
 
     app = App(settings, config=None if args.config is None else str(args.config))
@@ -354,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
     serve.add_argument("--intake-fd", type=int, help=argparse.SUPPRESS)  # internal: an intake worker (mllp.workers)
+    # internal: a delivery worker (delivery.workers)
+    serve.add_argument("--deliver-shard", type=int, help=argparse.SUPPRESS)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))
     mapper.add_argument(
         "--explain",

@@ -110,6 +110,12 @@ class FhirSettings(_Section):
     mode: DeliveryMode = "transaction"
 
 
+class DeliverySettings(_Section):
+    # Delivery processes: 0 delivers from the serve process; N runs the forwarder in N processes, each
+    # taking its own share of the (target, ordering key) queues (adapter/delivery_workers.py).
+    workers: int = Field(default=0, ge=0, le=16)
+
+
 class OutboxSettings(_Section):
     dir: Path = Path("var/outbox")
 
@@ -246,6 +252,7 @@ class Settings(_Section):
     mllp: MllpSettings = MllpSettings()
     store: StoreSettings = StoreSettings()
     fhir: FhirSettings = FhirSettings()
+    delivery: DeliverySettings = DeliverySettings()
     outbox: OutboxSettings = OutboxSettings()
     retry: RetrySettings = RetrySettings()
     log: LogSettings = LogSettings()

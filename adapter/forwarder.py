@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -18,9 +18,9 @@ import tenacity
 
 from adapter import metrics
 from adapter.audit.fhir_audit import AuditEventSender
-from adapter.config import RetrySettings
+from adapter.config import RetrySettings, Settings
 from adapter.errors import DeliveryError, RetryableDelivery, StoreUnavailable
-from adapter.store.base import OutboxItem, Store
+from adapter.store.base import AttemptOutcome, OutboxItem, Store
 from adapter.targets import Target
 
 log = structlog.get_logger("homeward.forwarder")
@@ -31,6 +31,10 @@ LEASE_SECONDS = 120.0
 IDLE_POLL_SECONDS = 1.0
 # Rows claimed ahead per sender (within the store's max_claims), so senders never wait on a claim.
 CLAIM_AHEAD = 32
+# Outcomes sent but not yet committed, at most: senders pause beyond this, so a crash repeats at most
+# max_in_flight + MAX_UNRECORDED sends (harmless, every entry is conditional, but wasted) however slow
+# the store's commits get. Only a commit slower than MAX_UNRECORDED sends ever holds the senders.
+MAX_UNRECORDED = 32
 
 
 class RetryPolicy:
@@ -96,8 +100,13 @@ class Forwarder:
         self._stopping = False
         self._ready: asyncio.Queue[OutboxItem] = asyncio.Queue()
         self._claimed_at: dict[int, float] = {}  # held rows, by outbox id: when this process claimed them
-        self._busy: set[asyncio.Task[None]] = set()  # sends and recordings under way
+        self._busy: set[asyncio.Task[None]] = set()  # sends under way
         self._workers: list[asyncio.Task[None]] = []
+        # Outcomes of this turn of the event loop, recorded together by one store call (_flush).
+        self._outcomes: list[AttemptOutcome] = []
+        self._recording: set[asyncio.Task[None]] = set()  # store calls recording outcomes
+        self._unrecorded = 0  # outcomes waiting or being recorded
+        self._committed = asyncio.Event()  # set whenever a store call recording outcomes returns
         # Look with a full claim (a scan of the pending rows): at start, when woken, at each poll, and
         # while the last one came back full (more may be waiting).
         self._look = True
@@ -147,6 +156,9 @@ class Forwarder:
 
     async def _sender(self) -> None:
         while True:
+            while self._unrecorded >= MAX_UNRECORDED:
+                self._committed.clear()
+                await self._committed.wait()
             item = await self._ready.get()
             if self.clock() - self._claimed_at.get(item.id, 0.0) > LEASE_SECONDS / 2:
                 # Waited too long behind a slow target: its lease may run out mid-send and the row go
@@ -164,27 +176,24 @@ class Forwarder:
         self._wake.set()
         for worker in self._workers:
             worker.cancel()  # a send in flight is shielded: it finishes below
+        deadline = time.monotonic() + grace
         if self._busy:
             _, still = await asyncio.wait(list(self._busy), timeout=grace)
             for task in still:
                 task.cancel()  # its lease runs out and the row is claimed again later
+        # Outcomes of the sends that finished: recorded before the store closes.
+        self._flush()
+        if self._recording:
+            await asyncio.wait(list(self._recording), timeout=max(0.1, deadline - time.monotonic()))
         # Rows claimed but not sent keep their claim until the lease ends (a restart of serve frees them).
         for target in self.targets.values():
             await target.aclose()
 
     async def deliver(self, item: OutboxItem) -> None:
-        """Send one row, then record what happened (one audit event, one log line) in a task of its own."""
-        bound = log.bind(
-            outbox_id=item.id,
-            message_control_id=item.message_control_id,
-            sending_facility=item.sending_facility,
-            message_type=item.event,
-            target=item.target,
-            attempt=item.attempts + 1,
-        )
+        """Send one row, then hand what happened to the recorder (one audit record, one log line)."""
         stale = self._stale(item)
         if stale is not None:
-            self._record(item, self._stale_recorded(item, stale, bound))
+            self._record(AttemptOutcome(item, "stale", {"target": item.target}, stale))
             return
         target = self.targets.get(item.target)
         started = time.perf_counter()
@@ -193,64 +202,93 @@ class Forwarder:
                 raise RetryableDelivery(f"no target named '{item.target}' is configured")
             detail = await target.send(item)
         except DeliveryError as exc:
-            self._record(item, self._failed(item, exc, bound, time.perf_counter() - started))
+            self._record(self._failed(item, exc, time.perf_counter() - started))
             return
         except Exception as exc:  # an unexpected bug counts as retryable until attempts run out
-            bound.exception("message.delivery_error")
+            self._bound(item).exception("message.delivery_error")
             failure = RetryableDelivery(f"internal error ({type(exc).__name__})")
-            self._record(item, self._failed(item, failure, bound, time.perf_counter() - started))
+            self._record(self._failed(item, failure, time.perf_counter() - started))
             return
         metrics.DELIVERY_LATENCY.labels(item.target).observe(time.perf_counter() - started)
-        self._record(item, self._delivered(item, detail, bound))
+        self._record(AttemptOutcome(item, "delivered", detail))
 
-    def _record(self, item: OutboxItem, outcome: Coroutine[Any, Any, None]) -> None:
-        """Record an outcome without holding the sender: outcomes of many sends share one commit."""
-        task = asyncio.create_task(self._recorded(item, outcome))
-        self._busy.add(task)
-        task.add_done_callback(self._busy.discard)
-
-    async def _recorded(self, item: OutboxItem, outcome: Coroutine[Any, Any, None]) -> None:
-        try:
-            await outcome
-        except StoreUnavailable:
-            # Not recorded: the lease runs out and the row is sent again (every entry is conditional,
-            # so the repeat changes nothing at the server).
-            log.error("store.unavailable", stage="record_delivery", outbox_id=item.id)
-
-    async def _next(self, item: OutboxItem) -> None:
-        """`item` no longer holds its ordering key: claim the key's next row, then let `item` go."""
-        try:
-            following = await self.store.claim_next(item, self.clock(), LEASE_SECONDS)
-        except StoreUnavailable:
-            following = None  # a full claim finds it later
-        if following is not None and not self._stopping:
-            self._hold(following)
-        self._release(item)
-
-    async def _delivered(self, item: OutboxItem, detail: dict[str, Any], bound: Any) -> None:
-        try:
-            await self.store.mark_delivered(item, self.clock(), detail)
-        except StoreUnavailable:
-            self._release(item)
-            raise
-        metrics.DELIVERED.labels(item.event or "unknown", item.target).inc()
-        self._audit_event(item, "delivered", detail.get("status"), list(detail.get("response") or []))
-        bound.info(
-            "message.delivered",
-            status=detail.get("status"),
-            duration_ms=detail.get("duration_ms"),
-            age_ms=round((self.clock() - item.created_at) * 1000, 1),
+    @staticmethod
+    def _bound(item: OutboxItem) -> Any:
+        return log.bind(
+            outbox_id=item.id,
+            message_control_id=item.message_control_id,
+            sending_facility=item.sending_facility,
+            message_type=item.event,
+            target=item.target,
+            attempt=item.attempts + 1,
         )
-        await self._next(item)
 
-    async def _stale_recorded(self, item: OutboxItem, reason: str, bound: Any) -> None:
+    def _record(self, outcome: AttemptOutcome) -> None:
+        """Queue an outcome without holding the sender. The outcomes that finish in one turn of the event
+        loop go to the store together, at once: the store's own group commit takes them with whatever
+        else is waiting, and a crash can only repeat sends whose outcomes were in that commit or in flight."""
+        if not self._outcomes:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outcomes.append(outcome)
+        self._unrecorded += 1
+
+    def _flush(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+        if batch:
+            task = asyncio.create_task(self._record_batch(batch))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record_batch(self, batch: list[AttemptOutcome]) -> None:
         try:
-            await self.store.mark_stale(item, self.clock(), reason, {"target": item.target})
-        except StoreUnavailable:
-            self._release(item)
-            raise
-        bound.warning("message.stale", reason=reason)
-        await self._next(item)
+            following = await self.store.record_outcomes(batch, self.clock(), LEASE_SECONDS)
+        except Exception:  # StoreUnavailable, or a bug: either way the rows go back
+            self._recorded_batch(batch)
+            # Not recorded: the leases run out and the rows are sent again (every entry is
+            # conditional, so the repeat changes nothing at the server).
+            for outcome in batch:
+                log.error("store.unavailable", stage="record_delivery", outbox_id=outcome.item.id)
+                self._release(outcome.item)
+            return
+        self._recorded_batch(batch)
+        for outcome, nxt in zip(batch, following, strict=True):
+            self._recorded(outcome)
+            if nxt is not None and not self._stopping:
+                self._hold(nxt)
+            self._release(outcome.item)
+
+    def _recorded_batch(self, batch: list[AttemptOutcome]) -> None:
+        self._unrecorded -= len(batch)
+        self._committed.set()
+
+    def _recorded(self, outcome: AttemptOutcome) -> None:
+        """After the commit: metrics, the FHIR AuditEvent and the log line of one outcome."""
+        item, detail = outcome.item, outcome.detail
+        bound = self._bound(item)
+        event = item.event or "unknown"
+        if outcome.stage == "delivered":
+            metrics.DELIVERED.labels(event, item.target).inc()
+            self._audit_event(item, "delivered", detail.get("status"), list(detail.get("response") or []))
+            bound.info(
+                "message.delivered",
+                status=detail.get("status"),
+                duration_ms=detail.get("duration_ms"),
+                age_ms=round((self.clock() - item.created_at) * 1000, 1),
+            )
+        elif outcome.stage == "stale":
+            bound.warning("message.stale", reason=outcome.reason)
+        elif outcome.stage == "dead_lettered":
+            metrics.DEAD_LETTERED.labels(event, item.target).inc()
+            self._audit_event(item, "dead", detail.get("status"), [])
+            bound.error("message.dead_lettered", status=detail.get("status"), reason=detail.get("reason"))
+        else:
+            self._audit_event(item, "retry", detail.get("status"), [])
+            bound.warning(
+                "message.retry_scheduled",
+                status=detail.get("status"),
+                reason=outcome.reason,
+                retry_in_seconds=detail.get("retry_in_seconds"),
+            )
 
     def _audit_event(self, item: OutboxItem, result: str, status: Any, locations: list[str]) -> None:
         if self.audit_events is None:
@@ -273,18 +311,8 @@ class Forwarder:
             return None
         return f"event time {item.event_time:.0f} is older than {latest:.0f}, already delivered for this visit"
 
-    async def _failed(self, item: OutboxItem, exc: DeliveryError, bound: Any, elapsed: float) -> None:
-        try:
-            if await self._record_failure(item, exc, bound, elapsed):
-                await self._next(item)  # a dead letter stops holding its key
-            else:
-                self._release(item)  # rescheduled: still the head of its key, claimed again when due
-        except StoreUnavailable:
-            self._release(item)
-            raise
-
-    async def _record_failure(self, item: OutboxItem, exc: DeliveryError, bound: Any, elapsed: float) -> bool:
-        """Reschedule or dead-letter; True when the row went to the dead letters."""
+    def _failed(self, item: OutboxItem, exc: DeliveryError, elapsed: float) -> AttemptOutcome:
+        """Reschedule or dead-letter: the outcome of a failed attempt."""
         attempts = item.attempts + 1
         now = self.clock()
         metrics.DELIVERY_LATENCY.labels(item.target).observe(elapsed)
@@ -305,13 +333,22 @@ class Forwarder:
             detail["reason"] = reason
             # The row's last_error also carries the server's own words for the person who reads it.
             for_people = f"{reason}; server said: {exc.diagnostics}" if exc.diagnostics else reason
-            await self.store.dead_letter(item, now, for_people, detail)
-            metrics.DEAD_LETTERED.labels(item.event or "unknown", item.target).inc()
-            self._audit_event(item, "dead", exc.status, [])
-            bound.error("message.dead_lettered", status=exc.status, reason=reason)
-            return True
+            return AttemptOutcome(item, "dead_lettered", detail, for_people)
         delay = policy.delay(attempts, exc.retry_after)
-        await self.store.reschedule(item, now + delay, exc.reason, {**detail, "retry_in_seconds": round(delay, 3)})
-        self._audit_event(item, "retry", exc.status, [])
-        bound.warning("message.retry_scheduled", status=exc.status, reason=exc.reason, retry_in_seconds=round(delay, 3))
-        return False
+        detail["retry_in_seconds"] = round(delay, 3)
+        return AttemptOutcome(item, "retry_scheduled", detail, exc.reason, now + delay)
+
+
+def build_forwarder(
+    settings: Settings, store: Store, targets: dict[str, Target], audit_events: AuditEventSender | None
+) -> Forwarder:
+    """The forwarder the settings describe (serve's, or a delivery worker's)."""
+    return Forwarder(
+        store,
+        targets,
+        RetryPolicy(settings.retry),
+        # One sender per allowed request: the [fhir] cap plus each named target's.
+        max_in_flight=settings.fhir.max_in_flight + sum(t.max_in_flight for t in settings.targets),
+        policies={t.name: RetryPolicy(t.retry) for t in settings.targets if t.retry is not None},
+        audit_events=audit_events,
+    )

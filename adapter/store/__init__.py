@@ -7,7 +7,13 @@ from adapter.config import Settings
 from adapter.store.base import Store
 
 
-def open_store(settings: Settings, *, serving: bool = True, audit_keys: AuditKeys | None = None) -> Store:
+def open_store(
+    settings: Settings,
+    *,
+    serving: bool = True,
+    audit_keys: AuditKeys | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Store:
     """The configured store: PostgreSQL when store.url is set, else the SQLite file at store.path.
 
     `serving=False` (the CLI beside a running server) leaves SQLite's claims alone; PostgreSQL's
@@ -15,6 +21,8 @@ def open_store(settings: Settings, *, serving: bool = True, audit_keys: AuditKey
     The audit keys sign the chain's head on every commit, so the CLI's audited actions need them too;
     without `audit_keys` they are loaded from the settings. Raises StoreUnavailable when the
     PostgreSQL database cannot be reached or its schema is not migrated.
+    `shard` (index, count): a delivery worker's share of the queues on SQLite; on PostgreSQL every
+    claim is a row lock taken with SKIP LOCKED, so delivery workers need no share of their own.
     """
     if audit_keys is None:
         audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
@@ -29,6 +37,7 @@ def open_store(settings: Settings, *, serving: bool = True, audit_keys: AuditKey
         synchronous=settings.store.synchronous,
         release_claims=serving,
         audit_keys=audit_keys,
+        shard=shard,
     )
 
 

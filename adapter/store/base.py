@@ -94,6 +94,34 @@ class OutboxItem:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """What became of one claimed row: the state change and the audit record written with it.
+
+    `stage` is the audit stage and says what changes: `delivered`, `retry_scheduled` (stays pending
+    until `next_attempt_at`), `dead_lettered` or `stale`. `reason` is kept on the row for people
+    (last_error); the audit record carries `detail`.
+    """
+
+    item: OutboxItem
+    stage: str
+    detail: dict[str, Any]
+    reason: str = ""
+    next_attempt_at: float = 0.0
+
+    def audit_detail(self) -> dict[str, Any]:
+        """The audit record's detail: the reason goes in, but the detail's own (coded) reason wins,
+        since `reason` may quote the server's words and audit records outlive the retention purge."""
+        if self.stage in ("dead_lettered", "stale") and self.reason:
+            return {"reason": self.reason, **self.detail}
+        return self.detail
+
+    @property
+    def frees_key(self) -> bool:
+        """Whether the row stops holding its (target, ordering_key): anything but a rescheduled retry."""
+        return self.stage != "retry_scheduled"
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntry:
     at: float
     inbound_id: int | None
@@ -160,6 +188,17 @@ class Store(Protocol):
     async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
         """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
         pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
+        ...
+
+    async def record_outcomes(
+        self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
+    ) -> list[OutboxItem | None]:
+        """Record many outcomes, each with its audit record, and for each one that frees its key claim
+        that key's next row (as claim_next would); the result lines up with `outcomes`.
+
+        One commit for the lot where the backend can (SQLite); on PostgreSQL each claim is its own
+        transaction, so each outcome commits on the connection that holds its row.
+        """
         ...
 
     async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None: ...

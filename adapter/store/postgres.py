@@ -29,6 +29,7 @@ from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
     Actor,
+    AttemptOutcome,
     AuditEntry,
     Delivery,
     DeliveryRecord,
@@ -386,64 +387,83 @@ class PostgresStore:
             if not conn.closed and not conn.broken:
                 self._idle_claim_conns.append(conn)
 
-    async def _finish(self, item: OutboxItem, sql: str, params: tuple[Any, ...], stage: str, detail: Any) -> None:
+    async def record_outcomes(
+        self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
+    ) -> list[OutboxItem | None]:
+        """Each outcome commits on the connection whose transaction holds its row, all at once on the worker
+        threads (so PostgreSQL can group their commits), then claims its key's next row."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+
+        async def one(outcome: AttemptOutcome) -> OutboxItem | None:
+            await loop.run_in_executor(self._executor, self._finish, outcome, now)
+            if not outcome.frees_key:
+                return None
+            key = (outcome.item.target, outcome.item.ordering_key, now)
+            return await loop.run_in_executor(self._executor, self._claim_one, NEXT_SQL, key, now + lease_seconds)
+
+        results = await asyncio.gather(*(one(o) for o in outcomes), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # The forwarder lets every row of the batch go: give back the next rows claimed for it.
+            for result in results:
+                if isinstance(result, OutboxItem):
+                    await loop.run_in_executor(self._executor, self._unclaim, result.id)
+            if not all(isinstance(r, StoreUnavailable) for r in failed):
+                raise failed[0]
+            raise StoreUnavailable(f"{len(failed)} of {len(outcomes)} outcomes could not be recorded")
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def _unclaim(self, outbox_id: int) -> None:
+        """Roll back one claim of this instance (the row is claimable again at once)."""
+        with self._lock:
+            held = self._claims.pop(outbox_id, None)
+        if held is None:
+            return
+        try:
+            held[0].rollback()
+        except psycopg.Error:
+            held[0].close()
+        self._release_claim_conn(held[0])
+
+    def _finish(self, outcome: AttemptOutcome, now: float) -> None:
         """Record an outcome in the transaction that holds the claim, and commit it (releasing the row)."""
         with self._lock:
-            held = self._claims.pop(item.id, None)
+            held = self._claims.pop(outcome.item.id, None)
         if held is None:  # not claimed here, or its lease ran out: a transaction of its own
-            await self._run(lambda c: _apply(c, item, sql, params, stage, detail))
+            conn = self._thread_conn()
+            try:
+                with conn.transaction():
+                    _apply(conn, outcome, now)
+            except psycopg.Error as exc:
+                raise StoreUnavailable(f"the store could not record the outcome ({type(exc).__name__})") from exc
             return
         conn = held[0]
+        try:
+            _apply(conn, outcome, now)
+            conn.commit()
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"the store could not record the outcome ({type(exc).__name__})") from exc
+        self._release_claim_conn(conn)
 
-        def job() -> None:
-            try:
-                _apply(conn, item, sql, params, stage, detail)
-                conn.commit()
-            except psycopg.Error as exc:
-                conn.close()
-                raise StoreUnavailable(f"the store could not record the outcome ({type(exc).__name__})") from exc
-            self._release_claim_conn(conn)
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, job)
+    async def _record_one(self, outcome: AttemptOutcome, now: float) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._finish, outcome, now)
 
     async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
-        await self._finish(
-            item,
-            "UPDATE outbox SET state = 'delivered', delivered_at = %s, attempts = attempts + 1, last_error = ''"
-            " WHERE id = %s",
-            (now, item.id),
-            "delivered",
-            detail,
-        )
+        await self._record_one(AttemptOutcome(item, "delivered", detail), now)
 
     async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
-        await self._finish(
-            item,
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s, last_outcome = %s"
-            " WHERE id = %s",
-            (next_attempt_at, reason, detail.get("outcome"), item.id),
-            "retry_scheduled",
-            detail,
-        )
+        await self._record_one(AttemptOutcome(item, "retry_scheduled", detail, reason, next_attempt_at), time.time())
 
     async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        await self._finish(
-            item,
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = %s, last_outcome = %s"
-            " WHERE id = %s",
-            (reason, detail.get("outcome"), item.id),
-            "dead_lettered",
-            {**detail, "reason": reason},
-        )
+        await self._record_one(AttemptOutcome(item, "dead_lettered", detail, reason), now)
 
     async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        await self._finish(
-            item,
-            "UPDATE outbox SET state = 'stale', last_error = %s WHERE id = %s",
-            (reason, item.id),
-            "stale",
-            {**detail, "reason": reason},
-        )
+        await self._record_one(AttemptOutcome(item, "stale", detail, reason), now)
 
     async def latest_applied(self, target: str, visit_key: str) -> float | None:
         rows = await self._read(
@@ -655,11 +675,33 @@ def _lock_queues(conn: psycopg.Connection[Any], keys: list[tuple[str, str]]) -> 
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
 
-def _apply(
-    conn: psycopg.Connection[Any], item: OutboxItem, sql: str, params: tuple[Any, ...], stage: str, detail: Any
-) -> None:
-    conn.execute(sql, params)
-    _audit(conn, item.inbound_id, item.id, stage, detail)
+# Per audit stage: the outbox update an outcome makes, and its parameters.
+_OUTCOME_SQL: dict[str, tuple[str, Callable[[AttemptOutcome, float], tuple[Any, ...]]]] = {
+    "delivered": (
+        "UPDATE outbox SET state = 'delivered', delivered_at = %s, attempts = attempts + 1, last_error = ''"
+        " WHERE id = %s",
+        lambda o, now: (now, o.item.id),
+    ),
+    "retry_scheduled": (
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s, last_outcome = %s"
+        " WHERE id = %s",
+        lambda o, now: (o.next_attempt_at, o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "dead_lettered": (
+        "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = %s, last_outcome = %s WHERE id = %s",
+        lambda o, now: (o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "stale": (
+        "UPDATE outbox SET state = 'stale', last_error = %s WHERE id = %s",
+        lambda o, now: (o.reason, o.item.id),
+    ),
+}
+
+
+def _apply(conn: psycopg.Connection[Any], outcome: AttemptOutcome, now: float) -> None:
+    sql, params = _OUTCOME_SQL[outcome.stage]
+    conn.execute(sql, params(outcome, now))
+    _audit(conn, outcome.item.inbound_id, outcome.item.id, outcome.stage, outcome.audit_detail())
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:

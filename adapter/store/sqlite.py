@@ -20,6 +20,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from adapter.errors import StoreUnavailable
 from adapter.store.base import (
     AcceptResult,
     Actor,
+    AttemptOutcome,
     AuditEntry,
     Delivery,
     DeliveryRecord,
@@ -182,21 +184,32 @@ class SqliteStore:
         synchronous: str = "FULL",
         release_claims: bool = True,
         audit_keys: AuditKeys | None = None,
+        shard: tuple[int, int] | None = None,
     ):
         self.path = Path(path)
+        # (index, count): a delivery worker claims only the (target, ordering_key) queues of its shard,
+        # so a queue is only ever in flight in one process and a restarted worker can free its own claims.
+        self.shard = shard
         self.audit_keys = audit_keys
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._turn = _WriteTurn(self.path)
         self._conn = self._connect()
+        if shard is not None:
+            self._conn.create_function("homeward_shard", 2, queue_shard, deterministic=True)
         self._turn.acquire()
         try:
             self._conn.executescript(SCHEMA)
             if release_claims:
                 # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
-                # (The CLI opens the file beside a running server and passes release_claims=False.)
-                self._conn.execute("UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0")
+                # (The CLI opens the file beside a running server and passes release_claims=False; a delivery
+                # worker releases those of its own shard, which no other process claims.)
+                release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
+                if shard is not None:
+                    self._conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
+                else:
+                    self._conn.execute(release)
             self._conn.commit()
         finally:
             self._turn.release()
@@ -370,7 +383,10 @@ class SqliteStore:
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         def op(conn: sqlite3.Connection) -> list[OutboxItem]:
-            rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
+            if self.shard is None:
+                rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
+            else:
+                rows = conn.execute(CLAIM_SHARD_SQL, (now, now, self.shard[1], self.shard[0], limit)).fetchall()
             items = [_item(row) for row in rows]
             conn.executemany(
                 "UPDATE outbox SET claimed_until = ? WHERE id = ?",
@@ -381,60 +397,31 @@ class SqliteStore:
         return await self._guarded(op)  # type: ignore[no-any-return]
 
     async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
-        def op(conn: sqlite3.Connection) -> OutboxItem | None:
-            row = conn.execute(NEXT_SQL, (item.target, item.ordering_key)).fetchone()
-            # NEXT_SQL reads the key's oldest pending row: if `item` is still pending, that is `item` itself.
-            if row is None or row[0] == item.id or row[-2] > now or row[-1] > now:
-                return None
-            conn.execute("UPDATE outbox SET claimed_until = ? WHERE id = ?", (now + lease_seconds, row[0]))
-            return _item(row)
+        return await self._guarded(lambda conn: _claim_next(conn, item, now, lease_seconds))  # type: ignore[no-any-return]
+
+    async def record_outcomes(
+        self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
+    ) -> list[OutboxItem | None]:
+        def op(conn: sqlite3.Connection) -> list[OutboxItem | None]:
+            _apply_outcomes(conn, outcomes, now)
+            return [_claim_next(conn, o.item, now, lease_seconds) if o.frees_key else None for o in outcomes]
 
         return await self._guarded(op)  # type: ignore[no-any-return]
 
-    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, claimed_until = 0,"
-                " last_error = '' WHERE id = ?",
-                (now, item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "delivered", detail)
+    async def _record_one(self, outcome: AttemptOutcome, now: float) -> None:
+        await self._guarded(lambda conn: _apply_outcomes(conn, [outcome], now))
 
-        await self._guarded(op)
+    async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None:
+        await self._record_one(AttemptOutcome(item, "delivered", detail), now)
 
     async def reschedule(self, item: OutboxItem, next_attempt_at: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?,"
-                " last_outcome = ? WHERE id = ?",
-                (next_attempt_at, reason, detail.get("outcome"), item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "retry_scheduled", detail)
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "retry_scheduled", detail, reason, next_attempt_at), time.time())
 
     async def dead_letter(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?,"
-                " last_outcome = ? WHERE id = ?",
-                (reason, detail.get("outcome"), item.id),
-            )
-            # detail's own reason wins: `reason` (kept as last_error for people) may quote the server's
-            # words, and audit records outlive the retention purge.
-            _audit(conn, item.inbound_id, item.id, "dead_lettered", {"reason": reason, **detail})
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "dead_lettered", detail, reason), now)
 
     async def mark_stale(self, item: OutboxItem, now: float, reason: str, detail: dict[str, Any]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET state = 'stale', claimed_until = 0, last_error = ? WHERE id = ?",
-                (reason, item.id),
-            )
-            _audit(conn, item.inbound_id, item.id, "stale", {**detail, "reason": reason})
-
-        await self._guarded(op)
+        await self._record_one(AttemptOutcome(item, "stale", detail, reason), now)
 
     async def latest_applied(self, target: str, visit_key: str) -> float | None:
         rows = await self._read(
@@ -629,6 +616,16 @@ ORDER BY o.id
 LIMIT ?
 """
 
+# A delivery worker's share of the queues (see queue_shard).
+SHARD_TERM = "homeward_shard(o.target || '|' || o.ordering_key, ?) = ?"
+CLAIM_SHARD_SQL = CLAIM_SQL.replace("AND NOT EXISTS", f"AND {SHARD_TERM}\n  AND NOT EXISTS", 1)
+
+
+def queue_shard(queue_key: str, count: int) -> int:
+    """Which of `count` delivery workers takes the queue "target|ordering_key": stable across processes."""
+    return zlib.crc32(queue_key.encode()) % count
+
+
 # The oldest pending row of one (target, ordering_key), with when it is due and claimed until (outbox_order index).
 NEXT_SQL = f"""
 SELECT {ITEM_COLUMNS}, o.next_attempt_at, o.claimed_until
@@ -695,6 +692,50 @@ def _record(row: sqlite3.Row) -> DeliveryRecord:
         message_control_id=row[13],
         event=row[14],
     )
+
+
+def _claim_next(conn: sqlite3.Connection, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+    """Claim the row after `item` in its (target, ordering_key), if `item` is no longer pending and it is due and free."""
+    row = conn.execute(NEXT_SQL, (item.target, item.ordering_key)).fetchone()
+    # NEXT_SQL reads the key's oldest pending row: if `item` is still pending, that is `item` itself.
+    if row is None or row[0] == item.id or row[-2] > now or row[-1] > now:
+        return None
+    conn.execute("UPDATE outbox SET claimed_until = ? WHERE id = ?", (now + lease_seconds, row[0]))
+    return _item(row)
+
+
+# Per audit stage: the outbox update an outcome makes, and its parameters.
+_OUTCOME_SQL: dict[str, tuple[str, Callable[[AttemptOutcome, float], tuple[Any, ...]]]] = {
+    "delivered": (
+        "UPDATE outbox SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, claimed_until = 0,"
+        " last_error = '' WHERE id = ?",
+        lambda o, now: (now, o.item.id),
+    ),
+    "retry_scheduled": (
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = 0, last_error = ?,"
+        " last_outcome = ? WHERE id = ?",
+        lambda o, now: (o.next_attempt_at, o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "dead_lettered": (
+        "UPDATE outbox SET state = 'dead', attempts = attempts + 1, claimed_until = 0, last_error = ?,"
+        " last_outcome = ? WHERE id = ?",
+        lambda o, now: (o.reason, o.detail.get("outcome"), o.item.id),
+    ),
+    "stale": (
+        "UPDATE outbox SET state = 'stale', claimed_until = 0, last_error = ? WHERE id = ?",
+        lambda o, now: (o.reason, o.item.id),
+    ),
+}
+
+
+def _apply_outcomes(conn: sqlite3.Connection, outcomes: list[AttemptOutcome], now: float) -> None:
+    """Each outcome's row update and its audit record, in the caller's transaction (one executemany per kind)."""
+    by_stage: dict[str, list[tuple[Any, ...]]] = {}
+    for o in outcomes:
+        by_stage.setdefault(o.stage, []).append(_OUTCOME_SQL[o.stage][1](o, now))
+    for stage, params in by_stage.items():
+        conn.executemany(_OUTCOME_SQL[stage][0], params)
+    _audit_many(conn, [(o.item.inbound_id, o.item.id, o.stage, o.audit_detail()) for o in outcomes])
 
 
 def _insert_inbound(

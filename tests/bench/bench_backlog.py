@@ -1,7 +1,7 @@
 """Backlog drain: how fast `homeward serve` empties a store of N queued messages into a fast FHIR sink.
 
 Run: .venv/bin/python tests/bench/bench_backlog.py [--messages 100000] [--patients 1000] [--runs 2]
-     [--store-url postgresql://postgres@127.0.0.1:5432/test]
+     [--workers 2] [--store-url postgresql://postgres@127.0.0.1:5432/test]
 
 1. Fill: N distinct ADT^A03 (one visit per patient, `--patients` patients) are written to one file and
    taken in with `homeward import` (the same intake as live traffic: parse, map, validate, store, audit)
@@ -9,8 +9,10 @@ Run: .venv/bin/python tests/bench/bench_backlog.py [--messages 100000] [--patien
    .cache/bench/ and copied for each run (the fill takes minutes). PostgreSQL: a fresh schema per run.
 2. Drain: the sink (tests/bench/sink.py, a raw asyncio HTTP/1.1 server in its own process) is up,
    then `homeward serve` starts on the filled store; the drain time runs from the serve process's
-   start (start-up included) to the sink's last POST. RSS of the serve process is sampled while it
-   drains (peak from /proc VmHWM). Afterwards the store is checked: every row delivered, none sent twice.
+   start (start-up included) to the sink's last POST. `--workers N` sets delivery.workers (N delivery
+   processes under serve). CPU is that of serve and its workers together, per message; RSS is sampled
+   per process while it drains (the largest, and the sum of all; peak from /proc VmHWM). Afterwards the
+   store is checked: every row delivered, none sent twice.
 """
 
 from __future__ import annotations
@@ -136,6 +138,14 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children (serve's delivery workers)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        pids += [int(child) for child in task.read_text().split()]
+    return pids
+
+
 def drain(env: dict[str, str], count: int, work: Path, timeout: float) -> dict[str, float]:
     sink, port = start_sink(work)
     log = work / "serve.log"
@@ -156,6 +166,7 @@ def drain(env: dict[str, str], count: int, work: Path, timeout: float) -> dict[s
                 stderr=subprocess.STDOUT,
             )
         rss: list[float] = []
+        rss_sum: list[float] = []
         try:
             posts, last = 0, 0.0
             while posts < count:
@@ -164,10 +175,14 @@ def drain(env: dict[str, str], count: int, work: Path, timeout: float) -> dict[s
                 if proc.poll() is not None:
                     raise SystemExit(f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.25)
-                rss.append(rss_mb(proc.pid))
+                sizes = [rss_mb(p) for p in family(proc.pid)]
+                rss.append(max(sizes))
+                rss_sum.append(sum(sizes))
                 posts, last = sink_count(port)
-            peak = rss_mb(proc.pid, "VmHWM")
-            cpu = cpu_seconds(proc.pid)
+            pids = family(proc.pid)
+            peak = max(rss_mb(p, "VmHWM") for p in pids)
+            peak_sum = sum(rss_mb(p, "VmHWM") for p in pids)
+            cpu = sum(cpu_seconds(p) for p in pids)
             time.sleep(0.5)  # anything sent twice would show up now
             posts, _ = sink_count(port)
         finally:
@@ -178,6 +193,9 @@ def drain(env: dict[str, str], count: int, work: Path, timeout: float) -> dict[s
             "posts": posts,
             "rss_median": sorted(rss)[len(rss) // 2],
             "rss_peak": peak,
+            "rss_sum_median": sorted(rss_sum)[len(rss_sum) // 2],
+            "rss_sum_peak": peak_sum,
+            "processes": len(pids),
             "cpu": cpu,
         }
     finally:
@@ -211,10 +229,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--store-url", default="", help="PostgreSQL server URL; a fresh schema per run")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--workers", type=int, default=0, help="delivery.workers for serve (0: serve delivers)")
+    parser.add_argument("--in-flight", type=int, default=4, help="fhir.max_in_flight (per delivery process)")
     args = parser.parse_args()
     n = args.messages
     backend = "postgresql" if args.store_url else "sqlite"
-    print(f"backlog drain: {n} messages, {args.patients} patients, {backend} store, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"backlog drain: {n} messages, {args.patients} patients, {backend} store, delivery.workers {args.workers},"
+        f" fhir.max_in_flight {args.in_flight}, load {os.getloadavg()[0]:.1f}"
+    )
     for run in range(1, args.runs + 1):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -223,6 +246,11 @@ def main() -> None:
                 env, note, schema_url = postgres_store(args.store_url, n, args.patients, work)
             else:
                 env, note = sqlite_store(n, args.patients, work)
+            env = {
+                **env,
+                "HOMEWARD_DELIVERY_WORKERS": str(args.workers),
+                "HOMEWARD_FHIR_MAX_IN_FLIGHT": str(args.in_flight),
+            }
             load = os.getloadavg()[0]
             try:
                 result = drain(env, n, work, args.timeout)
@@ -235,8 +263,10 @@ def main() -> None:
             print(
                 f"run {run} ({note}; load {load:.1f} -> {os.getloadavg()[0]:.1f}): drained in {result['seconds']:.1f} s"
                 f" = {n / result['seconds']:.0f} messages/s; posts {result['posts']:.0f} for {n} messages;"
-                f" serve CPU {result['cpu'] / n * 1000:.2f} ms a message (start-up included);"
-                f" serve RSS median {result['rss_median']:.0f} MB, peak {result['rss_peak']:.0f} MB"
+                f" serve CPU {result['cpu'] / n * 1000:.2f} ms a message (start-up included, all"
+                f" {result['processes']:.0f} processes); RSS of the largest process median {result['rss_median']:.0f} MB,"
+                f" peak {result['rss_peak']:.0f} MB; all processes together median {result['rss_sum_median']:.0f} MB,"
+                f" peak {result['rss_sum_peak']:.0f} MB"
             )
             print(f"  {checked}")
 

@@ -1,0 +1,148 @@
+"""Delivery worker processes: `delivery.workers` processes each run the forwarder over their share of the queues.
+
+One process cannot deliver 1,000 messages a second here: an HTTP request with httpx alone costs
+about a millisecond of CPU (PERFORMANCE.md). So the serve process can start N delivery workers
+(`homeward serve --deliver-shard I`, fresh interpreters, never a fork of a threaded process, that build
+only the forwarder: no mappings, no intake); each
+claims only the (target, ordering_key) queues whose hash falls in its shard (SQLite), or takes row
+locks with SKIP LOCKED like any instance (PostgreSQL). Either way one patient's queue is in flight
+in one process at a time and in arrival order. The serve process restarts a worker that dies; the
+new one frees the claims of its own shard, which no other process takes. A worker ends itself when
+the serve process goes (PR_SET_PDEATHSIG), so an orphan never delivers beside a new serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import structlog
+
+from adapter.audit.fhir_audit import AuditEventSender
+from adapter.audit.keys import load_keys
+from adapter.config import Settings
+from adapter.forwarder import build_forwarder
+from adapter.store import open_store
+from adapter.targets import build_targets
+
+log = structlog.get_logger("homeward.delivery_workers")
+
+# A worker that dies is started again, but not in a tight loop if it dies at once.
+RESTART_DELAY_SECONDS = 1.0
+# Wake the workers at most this often (a signal per message would cost more than it saves).
+WAKE_INTERVAL_SECONDS = 0.01
+_PR_SET_PDEATHSIG = 1
+
+
+class DeliveryWorkers:
+    """The delivery worker processes of one serve process: start, wake, watch and restart, stop."""
+
+    def __init__(self, count: int, config: str | None):
+        self.count = count
+        self.config = config
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stopping = False
+        self._last_wake = 0.0
+        self._wake_scheduled = False
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for p in self.procs if p.poll() is None)
+
+    def _start_one(self, index: int) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "adapter", "serve", "--deliver-shard", str(index)]
+        if self.config:
+            args += ["--config", self.config]
+        proc = subprocess.Popen(args)
+        log.info("delivery.worker_started", pid=proc.pid, shard=index)
+        return proc
+
+    def start(self) -> None:
+        self.procs = [self._start_one(i) for i in range(self.count)]
+
+    async def supervise(self) -> None:
+        """Restart a worker that exits while serving (logged as an error with its exit status)."""
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for i, proc in enumerate(self.procs):
+                status = proc.poll()
+                if status is None or self._stopping:
+                    continue
+                log.error("delivery.worker_exited", pid=proc.pid, shard=i, status=status)
+                await asyncio.sleep(RESTART_DELAY_SECONDS)
+                if not self._stopping:
+                    self.procs[i] = self._start_one(i)
+
+    def wake(self) -> None:
+        """A message was committed: wake every worker (SIGUSR1) at most every WAKE_INTERVAL_SECONDS,
+        and once more after the last of a burst, so no commit waits for the forwarder's poll."""
+        now = time.monotonic()
+        if now - self._last_wake >= WAKE_INTERVAL_SECONDS:
+            self._signal()
+        elif not self._wake_scheduled:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_later(WAKE_INTERVAL_SECONDS, self._signal)
+
+    def _signal(self) -> None:
+        self._wake_scheduled = False
+        self._last_wake = time.monotonic()
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM every worker (each finishes its sends and records them), then wait; kill after `grace` + 5 s."""
+        self._stopping = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        while self.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def end_with_parent() -> None:
+    """In a worker: get SIGTERM when the serve process dies, and stop at once if it is already gone."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the worker outlives a killed serve
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent == 1 or os.getppid() != parent:
+        sys.exit(0)
+
+
+async def run_delivery_worker(settings: Settings, shard: int) -> None:
+    """A delivery worker (`homeward serve --deliver-shard I`): run the forwarder over shard I of
+    delivery.workers until SIGTERM, then let the sends in flight finish and record them, and close."""
+    audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
+    # It frees the claims of its own shard that a dead predecessor left (SQLite): no other process takes them.
+    store = open_store(settings, serving=True, audit_keys=audit_keys, shard=(shard, settings.delivery.workers))
+    audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
+    forwarder = build_forwarder(settings, store, build_targets(settings), audit_events)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, forwarder.wake)  # serve: a message was committed
+    if audit_events is not None:
+        audit_events.start()
+    running = asyncio.create_task(forwarder.run())
+    await stop.wait()
+    grace = settings.mllp.shutdown_grace_seconds
+    await forwarder.stop(grace)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    if audit_events is not None:
+        await audit_events.aclose(grace)
+    store.close()
