@@ -86,15 +86,16 @@ def _steps(path: str) -> tuple[tuple[str, str], ...]:
 
 def prune(node: Any) -> bool:
     """Remove empty dicts, lists and None values in place; return True when `node` itself is empty."""
-    if type(node) is str:  # most leaves: checked first, it is the hot path of every mapping
+    # Text leaves, most of a bundle, are checked inline rather than by a call each: the hot path.
+    if type(node) is str:
         return not node
     if isinstance(node, dict):
-        empty = [k for k, v in node.items() if prune(v)]
+        empty = [k for k, v in node.items() if ((not v) if type(v) is str else prune(v))]
         for key in empty:
             del node[key]
         return not node
     if isinstance(node, list):
-        if any([prune(v) for v in node]):  # a list, not a generator: every item is pruned
+        if any([(not v) if type(v) is str else prune(v) for v in node]):  # a list: every item is pruned
             node[:] = [v for v in node if not _empty(v)]
         return not node
     return node is None or node == ""
