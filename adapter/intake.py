@@ -84,8 +84,16 @@ class Intake:
         """Handle one message (from MLLP or `homeward import`): store it, and say what became of it."""
         started = time.perf_counter()
         reason = ""
-        record = InboundRecord(raw=payload, peer=peer, received_at=time.time())
         header = InboundHeader.from_bytes(payload)
+        # Identified by the header read for the ACK until parsing succeeds, so that a refused frame
+        # (unparseable, refused by hl7.strict or the allow-list) is found by its MSH-10 in the audit.
+        record = InboundRecord(
+            raw=payload,
+            peer=peer,
+            sending_facility=header.sending_facility,
+            message_control_id=header.message_control_id,
+            received_at=time.time(),
+        )
         bound = log.bind(
             peer=peer,
             message_control_id=header.message_control_id,
@@ -95,11 +103,6 @@ class Intake:
         bound.info("message.received")
         try:
             if self.options.allow.networks or self.options.allow.facilities:
-                record = replace(
-                    record,
-                    sending_facility=header.sending_facility,
-                    message_control_id=header.message_control_id,
-                )
                 self.options.allow.check(peer, header.sending_facility)
             message = parse(payload, fallback_charset=self.options.fallback_charset, strict=self.options.strict)
             record = _identify(record, message)

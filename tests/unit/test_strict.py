@@ -73,14 +73,23 @@ class TestStrictIntake:
         try:
             intake = Intake(store, load_mappings(MAPPINGS), IntakeOptions(strict=strict))
             ack = ack_fields(asyncio.run(intake.frame(data, "test")))
-            outcome, raw = store.query("SELECT outcome, raw FROM inbound")[0]
+            outcome, raw, facility, control_id = store.query(
+                "SELECT outcome, raw, sending_facility, message_control_id FROM inbound"
+            )[0]
             outbox = store.query("SELECT count(*) FROM outbox")[0][0]
+            # The corrected message, resent with the same MSH-10, is a new message, not a duplicate.
+            resent = ack_fields(asyncio.run(intake.frame(GOOD, "test"))) if strict else None
+            outcomes = [row[0] for row in store.query("SELECT outcome FROM inbound ORDER BY id")]
         finally:
             store.close()
         assert bytes(raw) == data
+        # Refused or not, the row carries MSH-4 and MSH-10, so `audit show MSH-10` finds it.
+        assert (facility, control_id) == ("RRK", "MSG00001")
         if strict:
             assert ack["MSA"][1] == "AE" and ack["ERR"][3].startswith("100")
             assert outcome == "refused" and outbox == 0
+            assert resent is not None and resent["MSA"][1] == "AA"
+            assert outcomes == ["refused", "accepted"]
         else:
             assert ack["MSA"][1] == "AA" and outcome == "accepted" and outbox >= 1
 
