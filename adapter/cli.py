@@ -42,14 +42,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.intake_fd is not None:
         # Started by a serve process with mllp.workers, to run the intake on its socket (and import
         # nothing of the forwarder's).
+        from adapter.lifeline import end_with_parent
         from adapter.workers import run_worker
 
+        end_with_parent()
         asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd)))
         return 0
     if args.deliver_shard is not None:
         # Started by a serve process with delivery.workers, to deliver its share of the queues (and
         # import nothing of the intake's).
-        from adapter.delivery_workers import end_with_parent, run_delivery_worker
+        from adapter.delivery_workers import run_delivery_worker
+        from adapter.lifeline import end_with_parent
 
         end_with_parent()
         asyncio.run(run_delivery_worker(settings, args.deliver_shard))

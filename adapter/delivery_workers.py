@@ -8,15 +8,13 @@ claims only the (target, ordering_key) queues whose hash falls in its shard (SQL
 locks with SKIP LOCKED like any instance (PostgreSQL). Either way one patient's queue is in flight
 in one process at a time and in arrival order. The serve process restarts a worker that dies; the
 new one frees the claims of its own shard, which no other process takes. A worker ends itself when
-the serve process goes (PR_SET_PDEATHSIG), so an orphan never delivers beside a new serve.
+the serve process goes (adapter/lifeline.py), so an orphan never delivers beside a new serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -37,7 +35,6 @@ log = structlog.get_logger("homeward.delivery_workers")
 RESTART_DELAY_SECONDS = 1.0
 # Wake the workers at most this often (a signal per message would cost more than it saves).
 WAKE_INTERVAL_SECONDS = 0.01
-_PR_SET_PDEATHSIG = 1
 
 
 class DeliveryWorkers:
@@ -111,15 +108,6 @@ class DeliveryWorkers:
                 proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
-
-
-def end_with_parent() -> None:
-    """In a worker: get SIGTERM when the serve process dies, and stop at once if it is already gone."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the worker outlives a killed serve
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if parent == 1 or os.getppid() != parent:
-        sys.exit(0)
 
 
 async def run_delivery_worker(settings: Settings, shard: int) -> None:

@@ -124,3 +124,17 @@ class TestIntakeWorkers:
         pids = [line["pid"] for line in server.log_lines() if line.get("event") == "mllp.worker_started"]
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+    def test_workers_end_with_a_killed_serve(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """A SIGKILLed serve takes its intake workers with it: none is left holding the port beside a new serve."""
+        server = serve(HOMEWARD_MLLP_WORKERS="2")
+        workers = [line["pid"] for line in server.wait_for_log("mllp.worker_started", count=2)]
+        assert send(server.port, adt("K1")) == ["AA"]
+        server.proc.kill()
+        server.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            status = Path(f"/proc/{pid}/status")
+            return not status.exists() or "zombie" in status.read_text()
+
+        wait_until(lambda: all(gone(pid) for pid in workers), 20, "both intake workers ended")
