@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 
 import structlog
@@ -26,55 +25,32 @@ from adapter.audit.fhir_audit import AuditEventSender
 from adapter.audit.keys import load_keys
 from adapter.config import Settings
 from adapter.forwarder import build_forwarder
+from adapter.lifeline import WorkerProcesses
 from adapter.store import open_store
 from adapter.targets import build_targets
 
 log = structlog.get_logger("homeward.delivery_workers")
 
-# A worker that dies is started again, but not in a tight loop if it dies at once.
-RESTART_DELAY_SECONDS = 1.0
 # Wake the workers at most this often (a signal per message would cost more than it saves).
 WAKE_INTERVAL_SECONDS = 0.01
 
 
-class DeliveryWorkers:
+class DeliveryWorkers(WorkerProcesses):
     """The delivery worker processes of one serve process: start, wake, watch and restart, stop."""
 
     def __init__(self, count: int, config: str | None):
-        self.count = count
-        self.config = config
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._stopping = False
+        super().__init__(count, config)
         self._last_wake = 0.0
         self._wake_scheduled = False
 
-    @property
-    def alive(self) -> int:
-        return sum(1 for p in self.procs if p.poll() is None)
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._args("--deliver-shard", str(index)))
 
-    def _start_one(self, index: int) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "adapter", "serve", "--deliver-shard", str(index)]
-        if self.config:
-            args += ["--config", self.config]
-        proc = subprocess.Popen(args)
+    def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("delivery.worker_started", pid=proc.pid, shard=index)
-        return proc
 
-    def start(self) -> None:
-        self.procs = [self._start_one(i) for i in range(self.count)]
-
-    async def supervise(self) -> None:
-        """Restart a worker that exits while serving (logged as an error with its exit status)."""
-        while not self._stopping:
-            await asyncio.sleep(0.5)
-            for i, proc in enumerate(self.procs):
-                status = proc.poll()
-                if status is None or self._stopping:
-                    continue
-                log.error("delivery.worker_exited", pid=proc.pid, shard=i, status=status)
-                await asyncio.sleep(RESTART_DELAY_SECONDS)
-                if not self._stopping:
-                    self.procs[i] = self._start_one(i)
+    def _log_exited(self, proc: subprocess.Popen[bytes], index: int, status: int) -> None:
+        log.error("delivery.worker_exited", pid=proc.pid, shard=index, status=status)
 
     def wake(self) -> None:
         """A message was committed: wake every worker (SIGUSR1) at most every WAKE_INTERVAL_SECONDS,
@@ -93,21 +69,6 @@ class DeliveryWorkers:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGUSR1)
-
-    async def stop(self, grace: float) -> None:
-        """SIGTERM every worker (each finishes its sends and records them), then wait; kill after `grace` + 5 s."""
-        self._stopping = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace + 5
-        while self.alive and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
 
 
 async def run_delivery_worker(settings: Settings, shard: int) -> None:

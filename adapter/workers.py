@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -28,6 +27,7 @@ import structlog
 from adapter.audit.keys import load_keys
 from adapter.config import MllpSettings, Settings
 from adapter.intake import Intake, IntakeOptions
+from adapter.lifeline import WorkerProcesses
 from adapter.mapping.loader import load_mappings
 from adapter.mllp.allow import AllowList
 from adapter.mllp.server import MllpServer, server_ssl_context
@@ -35,8 +35,6 @@ from adapter.store import open_store
 
 log = structlog.get_logger("homeward.workers")
 
-# A worker that dies is started again, but not in a tight loop if it dies at once.
-RESTART_DELAY_SECONDS = 1.0
 # Wake the forwarder at most this often from one worker (a signal per message would cost more than it saves).
 WAKE_INTERVAL_SECONDS = 0.01
 
@@ -48,64 +46,36 @@ def bind(settings: MllpSettings) -> socket.socket:
     return sock
 
 
-class Workers:
+class Workers(WorkerProcesses):
     """The intake worker processes of one serve process: start, watch and restart, stop."""
 
     def __init__(self, count: int, sock: socket.socket, config: str | None):
-        self.count = count
+        super().__init__(count, config)
         self.sock = sock
-        self.config = config
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._stopping = False
         # Workers are started from a thread of their own, made now: on Linux a nice value belongs to a
         # thread and a child inherits its parent thread's, so a worker restarted after the event loop
         # thread lowered its priority (deprioritise_this_thread) still runs at full priority.
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-spawner")
         self._spawner.submit(lambda: None).result()
 
-    @property
-    def alive(self) -> int:
-        return sum(1 for p in self.procs if p.poll() is None)
-
-    def _start_one(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         fd = self.sock.fileno()
-        args = [sys.executable, "-m", "adapter", "serve", "--intake-fd", str(fd)]
-        if self.config:
-            args += ["--config", self.config]
-        proc = subprocess.Popen(args, pass_fds=(fd,))
+        return subprocess.Popen(self._args("--intake-fd", str(fd)), pass_fds=(fd,))
+
+    def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("mllp.worker_started", pid=proc.pid)
-        return proc
+
+    def _log_exited(self, proc: subprocess.Popen[bytes], index: int, status: int) -> None:
+        log.error("mllp.worker_exited", pid=proc.pid, status=status)
 
     def start(self) -> None:
-        self.procs = [self._spawner.submit(self._start_one).result() for _ in range(self.count)]
+        self.procs = [self._spawner.submit(self._start_one, i).result() for i in range(self.count)]
 
-    async def supervise(self) -> None:
-        """Restart a worker that exits while serving (logged as an error with its exit status)."""
-        while not self._stopping:
-            await asyncio.sleep(0.5)
-            for i, proc in enumerate(self.procs):
-                status = proc.poll()
-                if status is None or self._stopping:
-                    continue
-                log.error("mllp.worker_exited", pid=proc.pid, status=status)
-                await asyncio.sleep(RESTART_DELAY_SECONDS)
-                if not self._stopping:
-                    self.procs[i] = await asyncio.get_running_loop().run_in_executor(self._spawner, self._start_one)
+    async def _restart_one(self, index: int) -> subprocess.Popen[bytes]:
+        return await asyncio.get_running_loop().run_in_executor(self._spawner, self._start_one, index)
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM every worker (each finishes the frame it is handling), then wait; kill after `grace` + 5 s."""
-        self._stopping = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace + 5
-        while self.alive and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        await super().stop(grace)
         self.sock.close()
         self._spawner.shutdown(wait=False)
 
