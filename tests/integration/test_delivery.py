@@ -65,6 +65,16 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
     raise AssertionError(f"{what} not met in time")
 
 
+def routed_mappings(tmp_path: Path, targets: str, count: int = -1) -> Path:
+    """A copy of mappings/ whose site.yaml routes to `targets` (e.g. "[council-a, council-b]") where it
+    said `[default]`: every rule, or the first `count`."""
+    mappings = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, mappings)
+    site = (mappings / "site.yaml").read_text().replace("targets: [default]", f"targets: {targets}", count)
+    (mappings / "site.yaml").write_text(site)
+    return mappings
+
+
 def homeward(process: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI against the same store as a running `serve`."""
     return subprocess.run(
@@ -239,10 +249,7 @@ class TestTargets:
         """One message routed to two targets: the healthy one delivers; the failing one gives up by its own retry limit."""
         second = Council(httpserver, "/b")
         second.fail = lambda cid, attempt: (503, {}, None)
-        mappings = tmp_path / "mappings"
-        shutil.copytree(MAPPINGS, mappings)
-        site = (mappings / "site.yaml").read_text().replace("targets: [default]", "targets: [default, council-b]", 1)
-        (mappings / "site.yaml").write_text(site)
+        mappings = routed_mappings(tmp_path, "[default, council-b]", 1)
         config = tmp_path / "homeward.toml"
         config.write_text(
             f'[[targets]]\nname = "council-b"\nbase_url = "{second.url}"\n'
@@ -266,10 +273,7 @@ class TestTargets:
         basic = "Basic " + base64.b64encode(b"homeward-a:a-secret-7781").decode()
         tokens = TokenEndpoint(httpserver, lambda request: request.headers.get("Authorization") == basic)
         council_a, council_b = Council(httpserver, "/a"), Council(httpserver, "/b")
-        mappings = tmp_path / "mappings"
-        shutil.copytree(MAPPINGS, mappings)
-        site = (mappings / "site.yaml").read_text().replace("targets: [default]", "targets: [council-a, council-b]")
-        (mappings / "site.yaml").write_text(site)
+        mappings = routed_mappings(tmp_path, "[council-a, council-b]")
         config = tmp_path / "homeward.toml"
         config.write_text(
             f'[[targets]]\nname = "council-a"\nbase_url = "{council_a.url}"\n'

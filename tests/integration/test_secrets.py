@@ -4,7 +4,6 @@ client, a revoked token refreshed on 401, and the audit key; every secret and to
 from __future__ import annotations
 
 import base64
-import shutil
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -12,9 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pytest_httpserver import HTTPServer
 from werkzeug import Request
 
-from tests.conftest import MAPPINGS
 from tests.council import Council
-from tests.integration.test_delivery import adt, send, wait_until
+from tests.integration.test_delivery import adt, routed_mappings, send, wait_until
 from tests.integration.test_targets import TokenEndpoint
 
 SECRET = "b-secret-31337-zz"
@@ -49,10 +47,7 @@ def test_no_secret_or_token_in_the_log(serve, httpserver: HTTPServer, tmp_path: 
         return (401, {}, None) if bearer == first_token[0] else None
 
     council_a.fail = revoke_first
-    mappings = tmp_path / "mappings"
-    shutil.copytree(MAPPINGS, mappings)
-    site = (mappings / "site.yaml").read_text().replace("targets: [default]", "targets: [council-a, council-b]")
-    (mappings / "site.yaml").write_text(site)
+    mappings = routed_mappings(tmp_path, "[council-a, council-b]")
     config = tmp_path / "homeward.toml"
     config.write_text(
         f'[[targets]]\nname = "council-a"\nbase_url = "{council_a.url}"\n'
