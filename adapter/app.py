@@ -24,6 +24,8 @@ from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store import open_store
 from adapter.store.base import Actor
+from adapter.store.relay import WriteRelay
+from adapter.store.sqlite import SqliteStore
 from adapter.targets import build_targets
 from adapter.workers import Workers, bind, deprioritise_this_thread, intake_options, mllp_server
 
@@ -63,8 +65,11 @@ class App:
             self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
+        self.relay: WriteRelay | None = None
         if self.role == "forwarder":
-            self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
+            if isinstance(self.store, SqliteStore):  # one writer per file, this process (adapter/store/relay.py)
+                self.relay = WriteRelay(self.store, self.wake_delivery)
+            self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config, self.relay)
         else:
             intake = Intake(
                 self.store,
@@ -154,6 +159,8 @@ class App:
                 tls=self.settings.mllp.tls_cert_file is not None,
             )
             loop.add_signal_handler(signal.SIGUSR1, self.wake_delivery)  # a worker committed a message
+            if self.relay is not None:
+                self.relay.start()
             self.workers.start()
             tasks.append(asyncio.create_task(self.workers.supervise()))
         metrics.REGISTRY.register(self._queue_collector)

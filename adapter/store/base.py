@@ -163,15 +163,9 @@ class Actor:
         return {"actor": self.who, "why": self.why}
 
 
-class Store(Protocol):
-    """What intake and the forwarder need from durable storage.
-
-    Every method commits before it returns: when `accept` returns, the message survives a crash.
-    Implementations raise StoreUnavailable when they cannot commit.
-    """
-
-    # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
-    max_claims: int
+class IntakeStore(Protocol):
+    """What intake needs from durable storage: both commit before they return (when `accept` returns,
+    the message survives a crash), or raise StoreUnavailable."""
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
         """Store an accepted message and queue its deliveries, or recognise a duplicate."""
@@ -180,6 +174,16 @@ class Store(Protocol):
     async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
         """Keep a frame that is not queued (refused or filtered), with the reason."""
         ...
+
+
+class Store(IntakeStore, Protocol):
+    """What intake and the forwarder need from durable storage.
+
+    Every method commits before it returns. Implementations raise StoreUnavailable when they cannot commit.
+    """
+
+    # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
+    max_claims: int
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Claim up to `limit` due rows, at most one per (target, ordering_key), oldest first."""

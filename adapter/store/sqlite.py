@@ -247,27 +247,35 @@ class SqliteStore:
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch = [first]
-            while len(batch) < _MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(item)
-            self._commit_group(batch)
+            self._commit_group(first)
 
-    def _commit_group(self, batch: list[tuple[Op, concurrent.futures.Future[Any]]]) -> None:
+    def _gather(
+        self, first: tuple[Op, concurrent.futures.Future[Any]]
+    ) -> list[tuple[Op, concurrent.futures.Future[Any]]]:
+        """`first` and every write queued behind it (up to _MAX_GROUP)."""
+        batch = [first]
+        while len(batch) < _MAX_GROUP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)
+                break
+            batch.append(item)
+        return batch
+
+    def _commit_group(self, first: tuple[Op, concurrent.futures.Future[Any]]) -> None:
         results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
         conn = self._conn
         try:
             self._turn.acquire()
         except sqlite3.Error as exc:
-            for _, future in batch:
+            for _, future in self._gather(first):
                 _settle(future, False, StoreUnavailable(f"the store could not commit ({type(exc).__name__})"))
             return
+        # Gathered once the turn is ours: what arrived while another process committed joins this group.
+        batch = self._gather(first)
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.audit_tail = None  # another process may have added records since our last commit
@@ -309,6 +317,10 @@ class SqliteStore:
     # -- intake ------------------------------------------------------------------------------
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
+        return await self._guarded(self.accept_op(record, deliveries, detail))  # type: ignore[no-any-return]
+
+    def accept_op(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> Op:
+        """accept() as a write for submit() (adapter/store/relay.py commits the workers' writes this way)."""
         sha256 = hashlib.sha256(record.raw).hexdigest()
 
         def op(conn: sqlite3.Connection) -> AcceptResult:
@@ -355,9 +367,13 @@ class SqliteStore:
             _audit_many(conn, records)
             return AcceptResult(inbound_id, False, tuple(ids))
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
 
     async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
+        return await self._guarded(self.record_op(record, outcome, ack_code, reason))  # type: ignore[no-any-return]
+
+    def record_op(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> Op:
+        """record() as a write for submit()."""
         sha256 = hashlib.sha256(record.raw).hexdigest()
 
         def op(conn: sqlite3.Connection) -> int:
@@ -371,7 +387,7 @@ class SqliteStore:
             )
             return inbound_id
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
 
     async def _guarded(self, op: Op) -> Any:
         try:
