@@ -60,15 +60,16 @@ class App:
             )
         self.audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
         self.forwarder = build_forwarder(settings, self.store, self.targets, self.audit_events)
+        # SQLite with worker processes: one writer per file, this process (adapter/store/relay.py).
+        self.relay: WriteRelay | None = None
+        if isinstance(self.store, SqliteStore) and (settings.mllp.workers or settings.delivery.workers):
+            self.relay = WriteRelay(self.store, self.wake_delivery)
         self.delivery_workers: DeliveryWorkers | None = None
         if settings.delivery.workers:
-            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
+            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config, self.relay)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
-        self.relay: WriteRelay | None = None
         if self.role == "forwarder":
-            if isinstance(self.store, SqliteStore):  # one writer per file, this process (adapter/store/relay.py)
-                self.relay = WriteRelay(self.store, self.wake_delivery)
             self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config, self.relay)
         else:
             intake = Intake(
@@ -148,6 +149,8 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         tasks = []
+        if self.relay is not None:
+            self.relay.start()
         if self.server is not None:
             await self.server.start()
         if self.workers is not None:
@@ -159,8 +162,6 @@ class App:
                 tls=self.settings.mllp.tls_cert_file is not None,
             )
             loop.add_signal_handler(signal.SIGUSR1, self.wake_delivery)  # a worker committed a message
-            if self.relay is not None:
-                self.relay.start()
             self.workers.start()
             tasks.append(asyncio.create_task(self.workers.supervise()))
         metrics.REGISTRY.register(self._queue_collector)

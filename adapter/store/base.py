@@ -176,22 +176,14 @@ class IntakeStore(Protocol):
         ...
 
 
-class Store(IntakeStore, Protocol):
-    """What intake and the forwarder need from durable storage.
-
-    Every method commits before it returns. Implementations raise StoreUnavailable when they cannot commit.
-    """
+class DeliveryStore(Protocol):
+    """What the forwarder needs from durable storage (both commit before they return)."""
 
     # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
     max_claims: int
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Claim up to `limit` due rows, at most one per (target, ordering_key), oldest first."""
-        ...
-
-    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
-        """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
-        pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
         ...
 
     async def record_outcomes(
@@ -203,6 +195,18 @@ class Store(IntakeStore, Protocol):
         One commit for the lot where the backend can (SQLite); on PostgreSQL each claim is its own
         transaction, so each outcome commits on the connection that holds its row.
         """
+        ...
+
+
+class Store(IntakeStore, DeliveryStore, Protocol):
+    """What intake and the forwarder need from durable storage.
+
+    Every method commits before it returns. Implementations raise StoreUnavailable when they cannot commit.
+    """
+
+    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+        """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
+        pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
         ...
 
     async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None: ...

@@ -1,12 +1,13 @@
-"""Intake workers' writes, relayed to the serve process: one writer per SQLite file.
+"""Worker processes' writes, relayed to the serve process: one writer per SQLite file.
 
-With `mllp.workers` on SQLite, each worker parses and maps, then sends its write (accept or record)
-over a socket to the serve process, whose store commits it in the same group commit as every other
-worker's. A worker that wrote the file itself had to take the file's write turn from the other one
-at every commit: with two workers the turn was held ~85% of the time and each worker idled half of
-it (two workers took no more than one process). The AA still follows the commit: the worker waits
-for the serve process's answer, which comes once the store has committed. If the serve process is
-gone, the write fails with StoreUnavailable (AE), and the worker ends with it (adapter/lifeline.py).
+With `mllp.workers` or `delivery.workers` on SQLite, each worker does its own work (parse and map;
+HTTP) and sends its writes (accept or record; claim_due or record_outcomes) over a socket to the
+serve process, whose store commits them in the same group commit as every other worker's. A worker
+that wrote the file itself had to take the file's write turn from the others at every commit: with
+two intake workers the turn was held ~85% of the time and each worker idled half of it (two workers
+took no more than one process). An AA still follows the commit: the worker waits for serve's answer,
+which comes once the store has committed. If serve is gone, the write fails with StoreUnavailable
+(AE; a delivery waits), and the worker ends with it (adapter/lifeline.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 import structlog
 
 from adapter.errors import StoreUnavailable
-from adapter.store.base import AcceptResult, Delivery, InboundRecord, Outcome
-from adapter.store.sqlite import SqliteStore
+from adapter.store.base import AcceptResult, AttemptOutcome, Delivery, InboundRecord, OutboxItem, Outcome
+from adapter.store.sqlite import Op, SqliteStore
 
 log = structlog.get_logger("homeward.store")
 
@@ -47,7 +48,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
 
 
 class RelayedStore:
-    """In an intake worker: the intake's store, whose writes the serve process commits."""
+    """In a worker: the intake's or the forwarder's store, whose writes the serve process commits."""
+
+    max_claims = SqliteStore.max_claims
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
@@ -66,6 +69,14 @@ class RelayedStore:
 
     async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
         return await self._call("record", (record, outcome, ack_code, reason))  # type: ignore[no-any-return]
+
+    async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        return await self._call("claim_due", (now, limit, lease_seconds))  # type: ignore[no-any-return]
+
+    async def record_outcomes(
+        self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
+    ) -> list[OutboxItem | None]:
+        return await self._call("record_outcomes", (outcomes, now, lease_seconds))  # type: ignore[no-any-return]
 
     async def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         if self._broken or self._writer is None:
@@ -132,15 +143,31 @@ class WriteRelay:
         """Call from serve's event loop (where `on_accepted` runs), before the first channel()."""
         self._serving_loop = asyncio.get_running_loop()
 
-    def channel(self) -> socket.socket:
+    def channel(self, shard: tuple[int, int] | None = None) -> socket.socket:
         """A socket pair for one worker: a thread of the relay serves one end; the worker gets the other.
 
+        `shard` (index, count): a delivery worker's, whose claims are of that shard's queues; the claims
+        its predecessor left are freed first (writes are committed in the order submitted).
         Called from the thread that starts workers, which keeps full priority: the relay's thread does too."""
+        if shard is not None:
+            self.store.submit(self.store.release_claims_op(shard))
         ours, theirs = socket.socketpair()
-        threading.Thread(target=self._serve, args=(ours,), name="store-relay", daemon=True).start()
+        threading.Thread(target=self._serve, args=(ours, shard), name="store-relay", daemon=True).start()
         return theirs
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _op(self, method: str, args: tuple[Any, ...], shard: tuple[int, int] | None) -> Op:
+        if method == "accept":
+            return self.store.accept_op(*args)
+        if method == "record":
+            return self.store.record_op(*args)
+        if method == "claim_due":
+            now, limit, lease_seconds = args
+            return self.store.claim_due_op(now, limit, lease_seconds, shard)
+        if method == "record_outcomes":
+            return self.store.record_outcomes_op(*args)
+        raise ValueError(f"no such relayed write: {method}")
+
+    def _serve(self, sock: socket.socket, shard: tuple[int, int] | None) -> None:
         send_lock = threading.Lock()  # answers come from the writer thread, refusals from this one
         try:
             with sock, sock.makefile("rb") as stream:
@@ -150,8 +177,11 @@ class WriteRelay:
                         return  # the worker ended: what it was not answered for, it never acknowledged
                     (size,) = _LENGTH.unpack(head)
                     call_id, method, args = pickle.loads(stream.read(size))
-                    op = self.store.accept_op(*args) if method == "accept" else self.store.record_op(*args)
-                    future = self.store.submit(op)
+                    try:
+                        future = self.store.submit(self._op(method, args, shard))
+                    except ValueError as exc:  # answered as a failed write, never left waiting
+                        future = concurrent.futures.Future()
+                        future.set_exception(exc)
                     future.add_done_callback(functools.partial(self._answer, sock, send_lock, call_id, method))
         except OSError:
             return  # the worker was killed mid-write

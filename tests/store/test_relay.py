@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from adapter.errors import StoreUnavailable
-from adapter.store.base import Delivery, InboundRecord, Outcome
+from adapter.store.base import AttemptOutcome, Delivery, InboundRecord, Outcome
 from adapter.store.relay import RelayedStore, WriteRelay
-from adapter.store.sqlite import SqliteStore
+from adapter.store.sqlite import SqliteStore, queue_shard
 
 
 def record(control_id: str) -> InboundRecord:
@@ -114,3 +114,39 @@ def test_a_serve_process_gone_fails_what_waits_and_what_follows() -> None:
         worker.close()
 
     asyncio.run(main())
+
+
+def test_a_delivery_workers_claims_are_of_its_shard_and_its_outcomes_are_committed(tmp_path: Path) -> None:
+    """A delivery worker's channel frees the claims its shard's dead predecessor left, then claims only its
+    shard's queues; the outcomes it sends are committed, each freeing its queue's next row for it."""
+    db = tmp_path / "store.sqlite3"
+    store = SqliteStore(db)
+    keys = [f"patient-{n}" for n in range(16)]
+    mine = {k for k in keys if queue_shard(f"default|{k}", 2) == 0}
+    assert 0 < len(mine) < len(keys)  # both shards have queues
+
+    async def main() -> None:
+        for n, key in enumerate(keys[:8]):  # two messages per queue
+            await store.accept(record(f"M{n}"), [delivery(key)], {})
+            await store.accept(record(f"N{n}"), [delivery(key)], {})
+        # Claims a dead worker left behind (of both shards), then queues nobody has claimed.
+        assert len(await store.claim_due(now=2.0, limit=100, lease_seconds=600)) == 8
+        for n, key in enumerate(keys[8:], start=8):
+            await store.accept(record(f"M{n}"), [delivery(key)], {})
+            await store.accept(record(f"N{n}"), [delivery(key)], {})
+        relay = WriteRelay(store, lambda: None)
+        relay.start()
+        worker = RelayedStore(relay.channel((0, 2)))
+        await worker.start()
+        claimed = await worker.claim_due(3.0, 100, 60)
+        assert {item.ordering_key for item in claimed} == mine  # shard 1's: still claimed, or not its to take
+        outcomes = [AttemptOutcome(item, "delivered", {"status": 200}) for item in claimed]
+        following = await worker.record_outcomes(outcomes, 4.0, 60)
+        assert [n.ordering_key if n else None for n in following] == [item.ordering_key for item in claimed]
+        assert all(n is not None and n.id != item.id for n, item in zip(following, claimed, strict=True))
+        worker.close()
+
+    asyncio.run(main())
+    store.close()
+    delivered = rows(db, "SELECT ordering_key FROM outbox WHERE state = 'delivered' ORDER BY id")
+    assert sorted(k for (k,) in delivered) == sorted(mine)
