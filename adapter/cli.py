@@ -51,11 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.deliver_shard is not None:
         # Started by a serve process with delivery.workers, to deliver its share of the queues (and
         # import nothing of the intake's).
-        from adapter.delivery_workers import run_delivery_worker
+        from adapter.delivery_workers import serve_shard
         from adapter.lifeline import end_with_parent
 
         end_with_parent()
-        asyncio.run(run_delivery_worker(settings, args.deliver_shard))
+        serve_shard(settings, args.deliver_shard)
         return 0
     from adapter.app import App
 
