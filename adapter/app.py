@@ -24,6 +24,8 @@ from adapter.metrics import QueueCollector
 from adapter.mllp.server import MllpServer
 from adapter.store import open_store
 from adapter.store.base import Actor
+from adapter.store.relay import WriteRelay
+from adapter.store.sqlite import SqliteStore
 from adapter.targets import build_targets
 from adapter.workers import Workers, bind, deprioritise_this_thread, intake_options, mllp_server
 
@@ -58,13 +60,17 @@ class App:
             )
         self.audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
         self.forwarder = build_forwarder(settings, self.store, self.targets, self.audit_events)
+        # SQLite with worker processes: one writer per file, this process (adapter/store/relay.py).
+        self.relay: WriteRelay | None = None
+        if isinstance(self.store, SqliteStore) and (settings.mllp.workers or settings.delivery.workers):
+            self.relay = WriteRelay(self.store, self.wake_delivery)
         self.delivery_workers: DeliveryWorkers | None = None
         if settings.delivery.workers:
-            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config)
+            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config, self.relay)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":
-            self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config)
+            self.workers = Workers(settings.mllp.workers, bind(settings.mllp), config, self.relay)
         else:
             intake = Intake(
                 self.store,
@@ -143,6 +149,8 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         tasks = []
+        if self.relay is not None:
+            self.relay.start()
         if self.server is not None:
             await self.server.start()
         if self.workers is not None:

@@ -46,7 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapter.workers import run_worker
 
         end_with_parent()
-        asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd)))
+        store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
+        asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd), store_sock))
         return 0
     if args.deliver_shard is not None:
         # Started by a serve process with delivery.workers, to deliver its share of the queues (and
@@ -55,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapter.lifeline import end_with_parent
 
         end_with_parent()
-        serve_shard(settings, args.deliver_shard)
+        store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
+        serve_shard(settings, args.deliver_shard, store_sock)
         return 0
     from adapter.app import App
 
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
     serve.add_argument("--intake-fd", type=int, help=argparse.SUPPRESS)  # internal: an intake worker (mllp.workers)
+    serve.add_argument(
+        "--store-fd", type=int, help=argparse.SUPPRESS
+    )  # internal: a worker's writes go to serve (SQLite)
     # internal: a delivery worker (delivery.workers)
     serve.add_argument("--deliver-shard", type=int, help=argparse.SUPPRESS)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))

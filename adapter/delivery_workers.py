@@ -6,8 +6,10 @@ about a millisecond of CPU (PERFORMANCE.md). So the serve process can start N de
 only the forwarder: no mappings, no intake); each
 claims only the (target, ordering_key) queues whose hash falls in its shard (SQLite), or takes row
 locks with SKIP LOCKED like any instance (PostgreSQL). Either way one patient's queue is in flight
-in one process at a time and in arrival order. The serve process restarts a worker that dies; the
-new one frees the claims of its own shard, which no other process takes. A worker ends itself when
+in one process at a time and in arrival order. On SQLite a worker's claims and outcomes are
+committed by the serve process (adapter/store/relay.py: one writer per file). The serve process
+restarts a worker that dies, and the claims of its shard, which no other process takes, are freed
+before the new one starts. A worker ends itself when
 the serve process goes (adapter/lifeline.py), so an orphan never delivers beside a new serve.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import time
 
@@ -28,6 +31,8 @@ from adapter.config import Settings
 from adapter.forwarder import build_forwarder
 from adapter.lifeline import WorkerProcesses
 from adapter.store import open_store
+from adapter.store.base import Store
+from adapter.store.relay import RelayedStore, WriteRelay
 from adapter.targets import build_targets
 
 log = structlog.get_logger("homeward.delivery_workers")
@@ -39,13 +44,20 @@ WAKE_INTERVAL_SECONDS = 0.01
 class DeliveryWorkers(WorkerProcesses):
     """The delivery worker processes of one serve process: start, wake, watch and restart, stop."""
 
-    def __init__(self, count: int, config: str | None):
+    def __init__(self, count: int, config: str | None, relay: WriteRelay | None = None):
         super().__init__(count, config)
+        self.relay = relay  # SQLite: the workers' claims and outcomes are committed by this process
         self._last_wake = 0.0
         self._wake_scheduled = False
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self._args("--deliver-shard", str(index)))
+        if self.relay is None:
+            return subprocess.Popen(self._args("--deliver-shard", str(index)))
+        with self.relay.channel((index, self.count)) as channel:  # the worker has its own copy once started
+            store_fd = channel.fileno()
+            return subprocess.Popen(
+                self._args("--deliver-shard", str(index), "--store-fd", str(store_fd)), pass_fds=(store_fd,)
+            )
 
     def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("delivery.worker_started", pid=proc.pid, shard=index)
@@ -72,23 +84,30 @@ class DeliveryWorkers(WorkerProcesses):
                     proc.send_signal(signal.SIGUSR1)
 
 
-def serve_shard(settings: Settings, shard: int) -> None:
+def serve_shard(settings: Settings, shard: int, store_sock: socket.socket | None = None) -> None:
     """Run a delivery worker (run_delivery_worker) to its end on uvloop's event loop.
 
     A delivery worker spends most of its CPU in httpx and the event loop under it; on uvloop's loop the
-    same asyncio code costs about 0.15-0.2 ms a message less (one worker draining into tests/bench/sink.py:
-    1.23-1.31 -> 1.04-1.11 ms). Nothing the worker does depends on which loop runs it; serve and the
-    intake keep asyncio's own.
+    same asyncio code costs less (tests/bench/bench_backlog.py, two workers: 1.15-1.17 -> 1.06-1.12 ms a
+    message for serve and the workers together). Nothing the worker does depends on which loop runs it;
+    serve and the intake keep asyncio's own.
     """
-    uvloop.run(run_delivery_worker(settings, shard))
+    uvloop.run(run_delivery_worker(settings, shard, store_sock))
 
 
-async def run_delivery_worker(settings: Settings, shard: int) -> None:
-    """A delivery worker (`homeward serve --deliver-shard I`): run the forwarder over shard I of
-    delivery.workers until SIGTERM, then let the sends in flight finish and record them, and close."""
+async def run_delivery_worker(settings: Settings, shard: int, store_sock: socket.socket | None = None) -> None:
+    """A delivery worker (`homeward serve --deliver-shard I [--store-fd M]`): run the forwarder over shard I
+    of delivery.workers until SIGTERM, then let the sends in flight finish and record them, and close.
+    With `store_sock` (SQLite) its claims and outcomes are committed by the serve process."""
     audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
-    # It frees the claims of its own shard that a dead predecessor left (SQLite): no other process takes them.
-    store = open_store(settings, serving=True, audit_keys=audit_keys, shard=(shard, settings.delivery.workers))
+    store: Store | RelayedStore
+    if store_sock is not None:
+        # serve freed the claims a dead predecessor left in this shard before it made the channel.
+        store = RelayedStore(store_sock)
+        await store.start()
+    else:
+        # It frees the claims of its own shard that a dead predecessor left: no other process takes them.
+        store = open_store(settings, serving=True, audit_keys=audit_keys, shard=(shard, settings.delivery.workers))
     audit_events = AuditEventSender(settings.audit.fhir_url) if settings.audit.fhir_url else None
     forwarder = build_forwarder(settings, store, build_targets(settings), audit_events)
     stop = asyncio.Event()

@@ -20,7 +20,7 @@ from adapter import metrics
 from adapter.audit.fhir_audit import AuditEventSender
 from adapter.config import RetrySettings, Settings
 from adapter.errors import DeliveryError, RetryableDelivery, StoreUnavailable
-from adapter.store.base import AttemptOutcome, OutboxItem, Store
+from adapter.store.base import AttemptOutcome, DeliveryStore, OutboxItem
 from adapter.targets import Target
 
 log = structlog.get_logger("homeward.forwarder")
@@ -77,7 +77,7 @@ class Forwarder:
 
     def __init__(
         self,
-        store: Store,
+        store: DeliveryStore,
         targets: dict[str, Target],
         policy: RetryPolicy,
         *,
@@ -350,7 +350,7 @@ class Forwarder:
 
 
 def build_forwarder(
-    settings: Settings, store: Store, targets: dict[str, Target], audit_events: AuditEventSender | None
+    settings: Settings, store: DeliveryStore, targets: dict[str, Target], audit_events: AuditEventSender | None
 ) -> Forwarder:
     """The forwarder the settings describe (serve's, or a delivery worker's)."""
     return Forwarder(

@@ -26,7 +26,7 @@ from adapter.mapping.functions import NHS_NUMBER_SYSTEM
 from adapter.mapping.model import MappingSet
 from adapter.mapping.validate import validate_bundle
 from adapter.mllp.allow import AllowList
-from adapter.store.base import Delivery, InboundRecord, Outcome, Store
+from adapter.store.base import Delivery, InboundRecord, IntakeStore, Outcome
 from adapter.visits import visit_and_time
 
 log = structlog.get_logger("homeward.intake")
@@ -63,7 +63,7 @@ class Intake:
 
     def __init__(
         self,
-        store: Store,
+        store: IntakeStore,
         mappings: MappingSet,
         options: IntakeOptions,
         on_accepted: Callable[[], None] = lambda: None,

@@ -3,9 +3,10 @@
 The serve process binds the socket (so port 0 works), starts each worker as a fresh interpreter
 (`homeward serve --intake-fd N`, the socket passed by descriptor, never a fork of a threaded process),
 runs the forwarder, the admin port and the audit loops itself, and restarts a worker that dies.
-Every guarantee is the store's, so it holds across processes: each worker commits through its own
-connection under SQLite's (or PostgreSQL's) write lock, so the AA still follows the commit, a resend
-is a duplicate whichever worker takes it (unique MSH-4 + MSH-10), one connection's messages are
+Every guarantee is the store's, so it holds across processes. On SQLite a worker's writes are
+committed by the serve process (adapter/store/relay.py: one writer per file, `--store-fd N`); on
+PostgreSQL each worker commits through its own connections. Either way the AA follows the commit, a
+resend is a duplicate whichever worker takes it (unique MSH-4 + MSH-10), one connection's messages are
 committed in the order sent (a connection stays with one worker, and it waits for each ACK), and
 the audit chain is extended inside each commit from the last record stored.
 """
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -32,6 +34,8 @@ from adapter.mapping.loader import load_mappings
 from adapter.mllp.allow import AllowList
 from adapter.mllp.server import MllpServer, server_ssl_context
 from adapter.store import open_store
+from adapter.store.base import Store
+from adapter.store.relay import RelayedStore, WriteRelay
 
 log = structlog.get_logger("homeward.workers")
 
@@ -49,9 +53,10 @@ def bind(settings: MllpSettings) -> socket.socket:
 class Workers(WorkerProcesses):
     """The intake worker processes of one serve process: start, watch and restart, stop."""
 
-    def __init__(self, count: int, sock: socket.socket, config: str | None):
+    def __init__(self, count: int, sock: socket.socket, config: str | None, relay: WriteRelay | None = None):
         super().__init__(count, config)
         self.sock = sock
+        self.relay = relay  # SQLite: the workers' writes are committed by this process
         # Workers are started from a thread of their own, made now: on Linux a nice value belongs to a
         # thread and a child inherits its parent thread's, so a worker restarted after the event loop
         # thread lowered its priority (deprioritise_this_thread) still runs at full priority.
@@ -60,7 +65,13 @@ class Workers(WorkerProcesses):
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         fd = self.sock.fileno()
-        return subprocess.Popen(self._args("--intake-fd", str(fd)), pass_fds=(fd,))
+        if self.relay is None:
+            return subprocess.Popen(self._args("--intake-fd", str(fd)), pass_fds=(fd,))
+        with self.relay.channel() as channel:  # the worker has its own copy once started
+            store_fd = channel.fileno()
+            return subprocess.Popen(
+                self._args("--intake-fd", str(fd), "--store-fd", str(store_fd)), pass_fds=(fd, store_fd)
+            )
 
     def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("mllp.worker_started", pid=proc.pid)
@@ -140,17 +151,23 @@ def mllp_server(settings: Settings, intake: Intake, sock: socket.socket | None =
     )
 
 
-async def run_worker(settings: Settings, sock: socket.socket) -> None:
-    """An intake worker (`homeward serve --intake-fd N`): listen on the shared socket until SIGTERM, finish
-    the frames in hand, close. It builds only the intake: no forwarder, no targets, no HTTP client
-    (about 10 MB less per worker than the whole adapter)."""
+async def run_worker(settings: Settings, sock: socket.socket, store_sock: socket.socket | None = None) -> None:
+    """An intake worker (`homeward serve --intake-fd N [--store-fd M]`): listen on the shared socket until
+    SIGTERM, finish the frames in hand, close. It builds only the intake: no forwarder, no targets, no
+    HTTP client (about 10 MB less per worker than the whole adapter). With `store_sock` its writes go
+    to the serve process, which wakes its own forwarder; else it opens the store itself."""
     audit_keys = load_keys(settings.audit.hmac_key.get_secret_value(), settings.audit.hmac_key_file)
     mappings = load_mappings(settings.mapping.dir)
-    # The serve process runs the forwarder and owns the claims; a worker leaves them alone.
-    store = open_store(settings, serving=False, audit_keys=audit_keys)
-    intake = Intake(
-        store, mappings, intake_options(settings), on_accepted=ForwarderWaker(os.getppid()), audit_keys=audit_keys
-    )
+    store: Store | RelayedStore
+    if store_sock is not None:
+        store = RelayedStore(store_sock)
+        await store.start()
+        on_accepted: Callable[[], None] = lambda: None  # noqa: E731 - serve knows of each commit itself
+    else:
+        # The serve process runs the forwarder and owns the claims; a worker leaves them alone.
+        store = open_store(settings, serving=False, audit_keys=audit_keys)
+        on_accepted = ForwarderWaker(os.getppid())
+    intake = Intake(store, mappings, intake_options(settings), on_accepted=on_accepted, audit_keys=audit_keys)
     server = mllp_server(settings, intake, sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -201,7 +201,9 @@ class MllpServer:
         try:
             while not self._closing:
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                    # asyncio.timeout, not wait_for: wait_for wraps every read in a Task of its own.
+                    async with asyncio.timeout(self.idle_timeout):
+                        data = await reader.read(READ_CHUNK)
                 except TimeoutError:
                     reason = "idle timeout"
                     break

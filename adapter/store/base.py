@@ -163,15 +163,9 @@ class Actor:
         return {"actor": self.who, "why": self.why}
 
 
-class Store(Protocol):
-    """What intake and the forwarder need from durable storage.
-
-    Every method commits before it returns: when `accept` returns, the message survives a crash.
-    Implementations raise StoreUnavailable when they cannot commit.
-    """
-
-    # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
-    max_claims: int
+class IntakeStore(Protocol):
+    """What intake needs from durable storage: both commit before they return (when `accept` returns,
+    the message survives a crash), or raise StoreUnavailable."""
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
         """Store an accepted message and queue its deliveries, or recognise a duplicate."""
@@ -181,13 +175,15 @@ class Store(Protocol):
         """Keep a frame that is not queued (refused or filtered), with the reason."""
         ...
 
+
+class DeliveryStore(Protocol):
+    """What the forwarder needs from durable storage (both commit before they return)."""
+
+    # How many rows one process may hold claimed at once (PostgreSQL holds a connection per claim).
+    max_claims: int
+
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Claim up to `limit` due rows, at most one per (target, ordering_key), oldest first."""
-        ...
-
-    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
-        """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
-        pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
         ...
 
     async def record_outcomes(
@@ -199,6 +195,18 @@ class Store(Protocol):
         One commit for the lot where the backend can (SQLite); on PostgreSQL each claim is its own
         transaction, so each outcome commits on the connection that holds its row.
         """
+        ...
+
+
+class Store(IntakeStore, DeliveryStore, Protocol):
+    """What intake and the forwarder need from durable storage.
+
+    Every method commits before it returns. Implementations raise StoreUnavailable when they cannot commit.
+    """
+
+    async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
+        """Claim the row that follows `item` in its (target, ordering_key), once `item` is no longer
+        pending, if that row is due and free; None otherwise. One index lookup, not a scan of the queue."""
         ...
 
     async def mark_delivered(self, item: OutboxItem, now: float, detail: dict[str, Any]) -> None: ...

@@ -196,8 +196,8 @@ class SqliteStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._turn = _WriteTurn(self.path)
         self._conn = self._connect()
-        if shard is not None:
-            self._conn.create_function("homeward_shard", 2, queue_shard, deterministic=True)
+        # Also for a store that claims for a delivery worker's shard (adapter/store/relay.py).
+        self._conn.create_function("homeward_shard", 2, queue_shard, deterministic=True)
         self._turn.acquire()
         try:
             self._conn.executescript(SCHEMA)
@@ -205,11 +205,7 @@ class SqliteStore:
                 # A crash leaves claims behind; the serving process is the forwarder, so it releases them.
                 # (The CLI opens the file beside a running server and passes release_claims=False; a delivery
                 # worker releases those of its own shard, which no other process claims.)
-                release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
-                if shard is not None:
-                    self._conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
-                else:
-                    self._conn.execute(release)
+                self.release_claims_op(shard)(self._conn)
             self._conn.commit()
         finally:
             self._turn.release()
@@ -247,27 +243,35 @@ class SqliteStore:
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch = [first]
-            while len(batch) < _MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(item)
-            self._commit_group(batch)
+            self._commit_group(first)
 
-    def _commit_group(self, batch: list[tuple[Op, concurrent.futures.Future[Any]]]) -> None:
+    def _gather(
+        self, first: tuple[Op, concurrent.futures.Future[Any]]
+    ) -> list[tuple[Op, concurrent.futures.Future[Any]]]:
+        """`first` and every write queued behind it (up to _MAX_GROUP)."""
+        batch = [first]
+        while len(batch) < _MAX_GROUP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)
+                break
+            batch.append(item)
+        return batch
+
+    def _commit_group(self, first: tuple[Op, concurrent.futures.Future[Any]]) -> None:
         results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
         conn = self._conn
         try:
             self._turn.acquire()
         except sqlite3.Error as exc:
-            for _, future in batch:
+            for _, future in self._gather(first):
                 _settle(future, False, StoreUnavailable(f"the store could not commit ({type(exc).__name__})"))
             return
+        # Gathered once the turn is ours: what arrived while another process committed joins this group.
+        batch = self._gather(first)
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.audit_tail = None  # another process may have added records since our last commit
@@ -309,6 +313,10 @@ class SqliteStore:
     # -- intake ------------------------------------------------------------------------------
 
     async def accept(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> AcceptResult:
+        return await self._guarded(self.accept_op(record, deliveries, detail))  # type: ignore[no-any-return]
+
+    def accept_op(self, record: InboundRecord, deliveries: list[Delivery], detail: dict[str, Any]) -> Op:
+        """accept() as a write for submit() (adapter/store/relay.py commits the workers' writes this way)."""
         sha256 = hashlib.sha256(record.raw).hexdigest()
 
         def op(conn: sqlite3.Connection) -> AcceptResult:
@@ -355,9 +363,13 @@ class SqliteStore:
             _audit_many(conn, records)
             return AcceptResult(inbound_id, False, tuple(ids))
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
 
     async def record(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> int:
+        return await self._guarded(self.record_op(record, outcome, ack_code, reason))  # type: ignore[no-any-return]
+
+    def record_op(self, record: InboundRecord, outcome: Outcome, ack_code: str, reason: str) -> Op:
+        """record() as a write for submit()."""
         sha256 = hashlib.sha256(record.raw).hexdigest()
 
         def op(conn: sqlite3.Connection) -> int:
@@ -371,7 +383,7 @@ class SqliteStore:
             )
             return inbound_id
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
 
     async def _guarded(self, op: Op) -> Any:
         try:
@@ -382,11 +394,16 @@ class SqliteStore:
     # -- the forwarder ---------------------------------------------------------------------
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        return await self._guarded(self.claim_due_op(now, limit, lease_seconds, self.shard))  # type: ignore[no-any-return]
+
+    def claim_due_op(self, now: float, limit: int, lease_seconds: float, shard: tuple[int, int] | None) -> Op:
+        """claim_due() of `shard`'s queues as a write for submit() (a delivery worker's, relayed)."""
+
         def op(conn: sqlite3.Connection) -> list[OutboxItem]:
-            if self.shard is None:
+            if shard is None:
                 rows = conn.execute(CLAIM_SQL, (now, now, limit)).fetchall()
             else:
-                rows = conn.execute(CLAIM_SHARD_SQL, (now, now, self.shard[1], self.shard[0], limit)).fetchall()
+                rows = conn.execute(CLAIM_SHARD_SQL, (now, now, shard[1], shard[0], limit)).fetchall()
             items = [_item(row) for row in rows]
             conn.executemany(
                 "UPDATE outbox SET claimed_until = ? WHERE id = ?",
@@ -394,7 +411,7 @@ class SqliteStore:
             )
             return items
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
 
     async def claim_next(self, item: OutboxItem, now: float, lease_seconds: float) -> OutboxItem | None:
         return await self._guarded(lambda conn: _claim_next(conn, item, now, lease_seconds))  # type: ignore[no-any-return]
@@ -402,11 +419,28 @@ class SqliteStore:
     async def record_outcomes(
         self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float
     ) -> list[OutboxItem | None]:
+        return await self._guarded(self.record_outcomes_op(outcomes, now, lease_seconds))  # type: ignore[no-any-return]
+
+    def record_outcomes_op(self, outcomes: list[AttemptOutcome], now: float, lease_seconds: float) -> Op:
+        """record_outcomes() as a write for submit()."""
+
         def op(conn: sqlite3.Connection) -> list[OutboxItem | None]:
             _apply_outcomes(conn, outcomes, now)
             return [_claim_next(conn, o.item, now, lease_seconds) if o.frees_key else None for o in outcomes]
 
-        return await self._guarded(op)  # type: ignore[no-any-return]
+        return op
+
+    def release_claims_op(self, shard: tuple[int, int] | None) -> Op:
+        """Free the claims a crash left behind (of `shard`'s queues only, given one), as a write for submit()."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            release = "UPDATE outbox SET claimed_until = 0 WHERE state = 'pending' AND claimed_until > 0"
+            if shard is None:
+                conn.execute(release)
+            else:
+                conn.execute(f"{release} AND {SHARD_TERM.replace('o.', '')}", (shard[1], shard[0]))
+
+        return op
 
     async def _record_one(self, outcome: AttemptOutcome, now: float) -> None:
         await self._guarded(lambda conn: _apply_outcomes(conn, [outcome], now))

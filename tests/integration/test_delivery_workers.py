@@ -54,6 +54,10 @@ def test_two_delivery_workers_keep_order_retries_and_the_audit_chain(  # type: i
     started = server.wait_for_log("delivery.worker_started", count=2)
     server.wait_for_log("forwarder.started", count=2)
     assert sorted(line["shard"] for line in started) == [0, 1]
+    if backend == "sqlite":  # one writer per file: serve commits the workers' claims and outcomes
+        for line in started:
+            opened = {os.readlink(fd) for fd in Path(f"/proc/{line['pid']}/fd").iterdir() if fd.exists()}
+            assert not any(name.endswith(".sqlite3") for name in opened), sorted(opened)
 
     # One connection per patient, each sending that patient's messages in order.
     first = [[adt(f"P{p}-{i}", patient=p, visit=f"V{p}") for i in range(PER_PATIENT // 2)] for p in range(PATIENTS)]

@@ -57,13 +57,14 @@ def listener(tmp_path: Path, loop_thread: LoopThread) -> Iterator[Listener]:
     db = tmp_path / "store.sqlite3"
     store = SqliteStore(db)  # synchronous=FULL, as serve runs it
     groups: list[int] = []
-    commit_group = store._commit_group
+    gather = store._gather
 
-    def counted(batch: list[Any]) -> None:  # observes the group sizes; the commit itself is the real one
+    def counted(first: Any) -> list[Any]:  # observes the group sizes; the group itself is the real one
+        batch = gather(first)
         groups.append(len(batch))
-        commit_group(batch)
+        return batch
 
-    store._commit_group = counted  # type: ignore[method-assign]
+    store._gather = counted  # type: ignore[method-assign]
     intake = Intake(store, load_mappings(MAPPINGS), IntakeOptions())
     server = MllpServer(intake, "127.0.0.1", 0, max_frame_bytes=64 * 1024, idle_timeout=30)
     loop_thread.run(server.start())

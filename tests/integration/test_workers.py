@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import sqlite3
@@ -124,6 +125,31 @@ class TestIntakeWorkers:
         pids = [line["pid"] for line in server.log_lines() if line.get("event") == "mllp.worker_started"]
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+    def test_on_sqlite_serve_commits_the_workers_writes(self, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        """One writer per SQLite file: the workers never open it (serve commits what they send), and a commit
+        that fails there reaches the sender as AE 207 through the worker; the resend is then accepted."""
+        server = serve(HOMEWARD_MLLP_WORKERS="2")
+        workers = [line["pid"] for line in server.wait_for_log("mllp.worker_started", count=2)]
+        assert (
+            send_concurrently(server.port, [[adt(f"S{c}", patient=c, visit=f"V{c}")] for c in range(4)]) == ["AA"] * 4
+        )
+        store = tmp_path / "homeward.sqlite3"
+        for pid in [*workers, server.proc.pid]:
+            opened = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.exists()}
+            assert (str(store) in opened) == (pid == server.proc.pid), (pid, sorted(opened))
+
+        # Another process holds the file's write turn past the store's busy time-out (5 s): serve cannot commit.
+        turn = os.open(f"{store}-writer.lock", os.O_RDWR)
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            ack = ack_fields(MllpClient("127.0.0.1", server.port, timeout=30).send(adt("S9", patient=9, visit="V9")))
+        finally:
+            os.close(turn)
+        assert ack["MSA"][1] == "AE"
+        assert ack["ERR"][3].startswith("207")
+        assert send(server.port, adt("S9", patient=9, visit="V9")) == ["AA"]
+        assert store_rows(store, "SELECT outcome FROM inbound WHERE message_control_id = 'S9'") == [("accepted",)]
 
     def test_workers_end_with_a_killed_serve(self, serve) -> None:  # type: ignore[no-untyped-def]
         """A SIGKILLed serve takes its intake workers with it: none is left holding the port beside a new serve."""
