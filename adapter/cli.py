@@ -52,12 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.deliver_shard is not None:
         # Started by a serve process with delivery.workers, to deliver its share of the queues (and
         # import nothing of the intake's).
-        from adapter.delivery_workers import run_delivery_worker
+        from adapter.delivery_workers import serve_shard
         from adapter.lifeline import end_with_parent
 
         end_with_parent()
         store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
-        asyncio.run(run_delivery_worker(settings, args.deliver_shard, store_sock))
+        serve_shard(settings, args.deliver_shard, store_sock)
         return 0
     from adapter.app import App
 

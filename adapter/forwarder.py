@@ -102,9 +102,9 @@ class Forwarder:
         self._claimed_at: dict[int, float] = {}  # held rows, by outbox id: when this process claimed them
         self._busy: set[asyncio.Task[None]] = set()  # sends under way
         self._workers: list[asyncio.Task[None]] = []
-        # Outcomes of this turn of the event loop, recorded together by one store call (_flush).
+        # Outcomes not yet handed to the store: the next store call (_flush) records them together.
         self._outcomes: list[AttemptOutcome] = []
-        self._recording: set[asyncio.Task[None]] = set()  # store calls recording outcomes
+        self._recording: set[asyncio.Task[None]] = set()  # the store call recording outcomes (one at a time)
         self._unrecorded = 0  # outcomes waiting or being recorded
         self._committed = asyncio.Event()  # set whenever a store call recording outcomes returns
         # Look with a full claim (a scan of the pending rows): at start, when woken, at each poll, and
@@ -181,9 +181,10 @@ class Forwarder:
             _, still = await asyncio.wait(list(self._busy), timeout=grace)
             for task in still:
                 task.cancel()  # its lease runs out and the row is claimed again later
-        # Outcomes of the sends that finished: recorded before the store closes.
+        # Outcomes of the sends that finished: recorded before the store closes (a call under way
+        # hands those that came meanwhile to the next one, so wait until none is left).
         self._flush()
-        if self._recording:
+        while self._recording and time.monotonic() < deadline:
             await asyncio.wait(list(self._recording), timeout=max(0.1, deadline - time.monotonic()))
         # Rows claimed but not sent keep their claim until the lease ends (a restart of serve frees them).
         for target in self.targets.values():
@@ -224,20 +225,29 @@ class Forwarder:
         )
 
     def _record(self, outcome: AttemptOutcome) -> None:
-        """Queue an outcome without holding the sender. The outcomes that finish in one turn of the event
-        loop go to the store together, at once: the store's own group commit takes them with whatever
-        else is waiting, and a crash can only repeat sends whose outcomes were in that commit or in flight."""
-        if not self._outcomes:
+        """Queue an outcome without holding the sender. One store call records outcomes at a time, and it
+        takes all that finished while the one before it committed (group commit "while the previous
+        commit runs"): a call per outcome cost the store a transaction savepoint, a future and a wake-up
+        of the event loop each, for commits its writer grouped anyway. A crash can only repeat sends whose
+        outcomes were in the commit under way or waiting for it (MAX_UNRECORDED at most)."""
+        if not self._outcomes and not self._recording:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outcomes.append(outcome)
         self._unrecorded += 1
 
     def _flush(self) -> None:
+        if self._recording:
+            return  # the call under way flushes what waits when it returns (_recording_done)
         batch, self._outcomes = self._outcomes, []
         if batch:
             task = asyncio.create_task(self._record_batch(batch))
             self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
+            task.add_done_callback(self._recording_done)
+
+    def _recording_done(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        if not task.cancelled():  # cancelled: the loop is closing; what waits is sent again after the lease
+            self._flush()
 
     async def _record_batch(self, batch: list[AttemptOutcome]) -> None:
         try:
