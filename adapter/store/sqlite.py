@@ -4,8 +4,9 @@ Every write is a function run inside a transaction on the writer thread. The thr
 writes waiting at that moment, runs each under its own SAVEPOINT (so one failure cannot undo its
 neighbours) and commits them together: a group commit that happens "while the previous commit
 runs", never on a timer (PERFORMANCE.md: a timed window caps one MLLP connection at ~165 msg/s).
-Processes writing the same file (intake workers, the forwarder, the CLI) take turns through a
-lock file, so a waiting writer starts the moment the other's commit ends (see _WriteTurn).
+Serve's worker processes do not write the file: serve commits their writes (adapter/store/relay.py).
+Other processes writing the same file (the CLI, `homeward import`, a second serve by mistake) take
+turns through a lock file, so a waiting writer starts the moment the other's commit ends (see _WriteTurn).
 """
 
 from __future__ import annotations

@@ -178,6 +178,20 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return now, peak
 
 
+def pss_mb(pid: int) -> float:
+    """PSS in MB summed over serve and its processes: each shared page (the interpreter, libraries)
+    counted once across them, where summed RSS counts it once per process."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
 def store_counts(store: Path) -> dict[str, int]:
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
@@ -361,7 +375,9 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
             f" = {delivered / (last - first_send):.0f} msgs/s (outbox {counts})  [load {load_average()}]"
         )
         now, peak = rss_mb(serve.pid)
-        print(f"  RSS of serve after {sent} messages: {now:.0f} MB (peak {peak:.0f} MB)")
+        print(
+            f"  RSS of serve after {sent} messages: {now:.0f} MB (peak {peak:.0f} MB; PSS {pss_mb(serve.pid):.0f} MB)"
+        )
         if not args.no_held:
             # The council stops answering (the sink is SIGSTOPped): the forwarder's requests wait and
             # delivery costs next to nothing, so this is what the ACK path alone can take; the backlog
@@ -385,12 +401,18 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
         while sent < args.total:
             count = min(args.total - sent, 20_000)
             step(count, max(args.connections))
-            marks.append((sent, rss_mb(serve.pid)[0]))
+            marks.append((sent, rss_mb(serve.pid)[0], pss_mb(serve.pid)))
         if marks:
-            print("  RSS of serve as messages go through: " + ", ".join(f"{n}: {mb:.0f} MB" for n, mb in marks))
+            print(
+                "  RSS (PSS) of serve as messages go through: "
+                + ", ".join(f"{n}: {mb:.0f} ({pss:.0f}) MB" for n, mb, pss in marks)
+            )
             wait_delivered(store, 1800)
             now, peak = rss_mb(serve.pid)
-            print(f"  RSS of serve after {sent} messages, all delivered: {now:.0f} MB (peak {peak:.0f} MB)")
+            print(
+                f"  RSS of serve after {sent} messages, all delivered: {now:.0f} MB (peak {peak:.0f} MB;"
+                f" PSS {pss_mb(serve.pid):.0f} MB)"
+            )
     finally:
         serve.terminate()
         serve.wait(30)
@@ -411,6 +433,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning", help="serve's log.level (info: a line per stage)")
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for serve")
     parser.add_argument("--workers", type=int, default=None, help="mllp.workers for serve (default: serve's own)")
+    parser.add_argument("--delivery-workers", type=int, default=None, help="delivery.workers for serve")
     parser.add_argument(
         "--no-held", action="store_true", help="leave out the max AA phase with delivery held back and its drain"
     )
@@ -420,6 +443,8 @@ def main() -> None:
         args.max_messages, args.rate_seconds, args.total, args.map_messages = 2000, 5, 0, 500
     if args.workers is not None:
         args.env.append(f"HOMEWARD_MLLP_WORKERS={args.workers}")
+    if args.delivery_workers is not None:
+        args.env.append(f"HOMEWARD_DELIVERY_WORKERS={args.delivery_workers}")
 
     print(
         f"Homeward scale benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load {load_average()},"
