@@ -163,12 +163,14 @@ class _Run:
 def _parse_source(source: str) -> tuple[str, tuple[int, str] | None, int, int | None, int, tuple[str, int]]:
     """ "OBX[3=DRD]-5.1" -> ("OBX", (3, "DRD"), 5, 1, 1, ("OBX", 5)): segment, selector, field, component
     (None: the whole field), subcomponent, and the key of MapResult.used_fields; the loader has checked the form."""
-    head, _, rest = source.partition("-")
     selector = None
-    if "[" in head:
+    if "[" in source:  # the value selected on may hold "-" itself (OBX[3=DISCH-DEST]-5)
+        head, _, rest = source.partition("]-")
         head, _, sel = head.partition("[")
-        selector_field, _, wanted = sel.rstrip("]").partition("=")
+        selector_field, _, wanted = sel.partition("=")
         selector = (int(selector_field), wanted)
+    else:
+        head, _, rest = source.partition("-")
     parts = [int(p) for p in rest.split(".")]
     field_no = parts[0]
     component = parts[1] if len(parts) > 1 else None

@@ -181,7 +181,8 @@ _NHS_WEIGHTS = (10, 9, 8, 7, 6, 5, 4, 3, 2)  # of the first nine digits
 
 def nhs_number_is_valid(number: str) -> bool:
     """Modulus 11 check of a 10-digit NHS number (NHS Data Dictionary)."""
-    if len(number) != 10 or not number.isdigit():
+    # isascii: str.isdigit() is also true of superscripts and other scripts' digits, which int() refuses.
+    if len(number) != 10 or not (number.isascii() and number.isdigit()):
         return False
     total: int = sum(map(mul, map(int, number[:9]), _NHS_WEIGHTS))
     check = 11 - total % 11

@@ -235,6 +235,16 @@ class TestContentRules:
         assert any(i["system"].endswith("/nhs-number-failed-check") for i in identifiers)
         assert any("PID-3" in flag and "invalid NHS number" in flag for flag in result.flags)
 
+    def test_an_nhs_number_in_other_digits_is_a_flagged_local_identifier(self, mappings: MappingSet) -> None:
+        """Ten superscript or Arabic-Indic digits (str.isdigit() says digits) are not an NHS number: kept as a
+        flagged local identifier, like a failed check digit, not an internal error."""
+        raw = (GOLDEN / "ADT_A03/bad_nhs_number.hl7").read_bytes()
+        for digits in ("\u00b2" * 10, "\u0669" * 10):
+            result = map_message(parse(raw.replace(b"9449305553", digits.encode())), mappings, TZ)
+            identifiers = resources(result, "Patient")[0]["resource"]["identifier"]
+            assert all(i["system"] != "https://fhir.nhs.uk/Id/nhs-number" for i in identifiers)
+            assert any(i["system"].endswith("/nhs-number-failed-check") for i in identifiers)
+
     def test_verification_status_from_pid_32(self, mappings: MappingSet) -> None:
         """PID-32 = 01 puts the UK Core verification-status extension on the NHS number."""
         nhs = resources(map_case("ADT_A03/v26_full", mappings), "Patient")[0]["resource"]["identifier"][0]
@@ -361,6 +371,15 @@ class TestSiteFields:
         assert "OBX (whole segment)" not in unused_fields(
             parse((GOLDEN / "ADT_A16/obx_not_used.hl7").read_bytes()), result
         )
+
+    def test_a_selected_code_may_hold_a_hyphen(self, tmp_path: Path) -> None:
+        """`OBX[3=DISCH-PATH]-5`: the field is read after the selector's closing bracket, not at its first hyphen."""
+        root = site_copy(tmp_path, lambda s: s["fields"].update(pathway="OBX[3=DISCH-PATH]-5"))
+        text = (GOLDEN / "ADT_A16/obx_not_used.hl7").read_text(encoding="utf-8")
+        assert "|PATHWAY^" in text
+        result = map_text(text.replace("|PATHWAY^", "|DISCH-PATH^"), load_mappings(root))
+        categories = resources(result, "ServiceRequest")[0]["resource"]["category"]
+        assert categories[1]["coding"][0]["code"] == "1"
 
     def test_pathway_ready_date_and_services_from_obx_instead_of_zds(self, tmp_path: Path) -> None:
         """A feed with no ZDS: site.yaml points the three local fields at OBX segments, and the referral and plan come out the same."""
