@@ -64,9 +64,13 @@ class App:
         self.relay: WriteRelay | None = None
         if isinstance(self.store, SqliteStore) and (settings.mllp.workers or settings.delivery.workers):
             self.relay = WriteRelay(self.store, self.wake_delivery)
+        # With intake workers on SQLite this process commits their messages: delivering in the same
+        # interpreter holds those commits behind its HTTP work (one GIL; ACK p99 at 500 msgs/s offered
+        # went from 21 ms to 190 ms), so delivery then runs in at least one delivery worker.
+        delivery_count = settings.delivery.workers or (1 if self.relay is not None and settings.mllp.workers else 0)
         self.delivery_workers: DeliveryWorkers | None = None
-        if settings.delivery.workers:
-            self.delivery_workers = DeliveryWorkers(settings.delivery.workers, config, self.relay)
+        if delivery_count:
+            self.delivery_workers = DeliveryWorkers(delivery_count, config, self.relay)
         self.server: MllpServer | None = None
         self.workers: Workers | None = None
         if self.role == "forwarder":

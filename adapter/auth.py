@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import structlog
 
 from adapter.config import AuthSettings
@@ -70,6 +69,8 @@ class OAuth2ClientCredentials(httpx.Auth):
         what = f"target '{self.target}' auth"
         if s.client_auth == "client_secret":
             return {"auth": (s.client_id, read_secret(s.client_secret_env, s.client_secret_file, what))}
+        import jwt  # PyJWT, and cryptography under it: ~11 MB a process, so only where a target signs
+
         key = read_secret(s.private_key_env, s.private_key_file, what)
         now = int(self.clock())
         claims = {

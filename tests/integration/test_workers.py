@@ -127,10 +127,13 @@ class TestIntakeWorkers:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
     def test_on_sqlite_serve_commits_the_workers_writes(self, serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-        """One writer per SQLite file: the workers never open it (serve commits what they send), and a commit
-        that fails there reaches the sender as AE 207 through the worker; the resend is then accepted."""
-        server = serve(HOMEWARD_MLLP_WORKERS="2")
+        """One writer per SQLite file: the workers never open it (serve commits what they send), serve leaves
+        delivery to a delivery worker of its own (delivery.workers = 0), and a commit that fails there reaches
+        the sender as AE 207 through the worker; the resend is then accepted."""
+        server = serve(HOMEWARD_MLLP_WORKERS="2", HOMEWARD_LOG_LEVEL="info")
         workers = [line["pid"] for line in server.wait_for_log("mllp.worker_started", count=2)]
+        (deliverer,) = server.wait_for_log("delivery.worker_started")
+        assert deliverer["shard"] == 0
         assert (
             send_concurrently(server.port, [[adt(f"S{c}", patient=c, visit=f"V{c}")] for c in range(4)]) == ["AA"] * 4
         )
