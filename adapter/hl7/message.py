@@ -69,24 +69,31 @@ class Repetition:
 
     def component(self, n: int = 1, sub: int = 1) -> str:
         """The unescaped text of component `n`, subcomponent `sub` ("" when absent)."""
-        if not self._d.component:  # MSH-1 / MSH-2: the delimiters themselves, never split
+        d = self._d
+        if not d.component:  # MSH-1 / MSH-2: the delimiters themselves, never split
             return self.raw if n == 1 and sub == 1 else ""
-        if self._components is None:
-            self._components = self.raw.split(self._d.component)
-        if n > len(self._components):
+        components = self._components
+        if components is None:
+            components = self._components = self.raw.split(d.component)
+        if n > len(components):
             return ""
-        value = self._components[n - 1]
-        if self._d.subcomponent in value:
-            subs = value.split(self._d.subcomponent)
+        value = components[n - 1]
+        if d.subcomponent in value:
+            subs = value.split(d.subcomponent)
             value = subs[sub - 1] if sub <= len(subs) else ""
         elif sub > 1:
             return ""
-        return unescape(value, self._d)
+        # Most values carry no escape: the test is made here rather than by a call to unescape().
+        return unescape(value, d) if d.escape and d.escape in value else value
 
     @property
     def is_empty(self) -> bool:
         """True when the repetition carries no data at all."""
         return not self.raw.strip(self._d.component + self._d.subcomponent)
+
+
+# MSH-1 and MSH-2 hold the delimiters themselves: never split.
+_UNSPLIT = Delimiters("", "", "", "", "")
 
 
 @dataclass(slots=True)
@@ -115,13 +122,15 @@ class Segment:
         return cached
 
     def _split(self, n: int) -> list[Repetition]:
-        raw = self.raw(n)
+        fields = self.fields
+        raw = fields[n] if n < len(fields) else ""
         if not raw:
             return []
-        if self.name == "MSH" and n <= 2:
-            return [Repetition(raw, Delimiters("", "", "", "", ""))]
-        reps = [Repetition(r, self.delimiters) for r in raw.split(self.delimiters.repetition)]
-        return [r for r in reps if not r.is_empty]
+        if n <= 2 and fields[0] == "MSH":
+            return [Repetition(raw, _UNSPLIT)]
+        d = self.delimiters
+        blank = d.component + d.subcomponent  # what Repetition.is_empty strips, tested before building one
+        return [Repetition(r, d) for r in raw.split(d.repetition) if r.strip(blank)]
 
     def get(self, n: int, component: int = 1, sub: int = 1, repetition: int = 1) -> str:
         """Unescaped value at field `n`, repetition, component and subcomponent ("" when absent)."""

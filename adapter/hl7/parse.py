@@ -9,6 +9,7 @@ later stage sees the same Hl7Message.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from adapter.errors import ParseError, UnsupportedMessage
 from adapter.hl7.message import Delimiters, Hl7Message, Segment
@@ -106,10 +107,16 @@ def _delimiters(msh: str) -> Delimiters:
     return Delimiters(field_sep, encoding[0], encoding[1], encoding[2], subcomponent)
 
 
+@lru_cache(maxsize=512)
+def _is_segment_name(name: str) -> bool:
+    """Three characters, a letter then letters or digits; a feed uses a few dozen names, so kept, not rematched."""
+    return _SEGMENT_NAME.match(name) is not None
+
+
 def _segment(line: str, d: Delimiters, index: int) -> Segment:
     fields = line.split(d.field)
     name = fields[0]
-    if not _SEGMENT_NAME.match(name):
+    if not _is_segment_name(name):
         raise ParseError(f"segment {index} has no valid three-character name", location=f"segment {index}")
     if name == "MSH":
         fields.insert(1, d.field)

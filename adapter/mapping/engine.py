@@ -10,7 +10,7 @@ rather than sent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -18,7 +18,15 @@ from zoneinfo import ZoneInfo
 from adapter.errors import MappingError
 from adapter.hl7.message import Delimiters, Hl7Message, Repetition, Segment
 from adapter.mapping.fhirtypes import check_primitive, element_info
-from adapter.mapping.functions import FUNCTIONS, MapContext, deterministic_id, instant
+from adapter.mapping.functions import (
+    FUNCTIONS,
+    TIME_FUNCTIONS,
+    MapContext,
+    deterministic_id,
+    instant,
+    system_text,
+    text,
+)
 from adapter.mapping.model import Condition, Council, MappingSet, MessageMap, ResourceMap, Rule
 from adapter.mapping.routing import RouteDecision, decide
 from adapter.mapping.values import fill, lookup, prune, set_path
@@ -69,6 +77,8 @@ class _Run:
         self.councils: tuple[Council, ...] = ()
         # Filled in as they are asked for: each system's text depends only on MSH-4 (MapContext.system).
         self.systems: dict[str, str] = {}
+        # Dates and times converted so far, by function and text (TIME_FUNCTIONS).
+        self.times: dict[tuple[str, str], Any] = {}
 
     def context(self, segment: Segment | None, location: str) -> MapContext:
         return MapContext(
@@ -83,6 +93,16 @@ class _Run:
             self.first,
             self.systems,
         )
+
+    def system(self, name: str, location: str) -> str:
+        """A site identifier system by name, as MapContext.system gives it, without building a context."""
+        known = self.systems.get(name)
+        if known is None:
+            template = self.mappings.site.systems.get(name)
+            if template is None:  # MapContext.system refuses it, naming the location
+                return self.context(None, location).system(name)
+            known = self.systems[name] = system_text(template, self.message.sending_facility)
+        return known
 
     def table_lookup(self, vocabulary: str, value: Any, fhir_type: str, location: str) -> Any:
         return lookup(self.mappings.vocabularies[vocabulary], value, fhir_type, location, self.flags)
@@ -103,19 +123,21 @@ class _Run:
 
     def read(self, source: str, segment: Segment | None) -> tuple[list[Repetition], str]:
         """Repetitions at `source` ("PID-3", "PID-3.1", "OBX[3=DRD]-5"); components give one-component views."""
-        seg_name, selector, parts = _parse_source(source)
-        if selector is None and segment is not None and segment.fields[0] == seg_name:
-            seg: Segment | None = segment  # the segment a `foreach` is on (segment_for, without the call)
-        else:
+        seg_name, selector, field_no, component, sub, used = _parse_source(source)
+        seg: Segment | None
+        if selector is not None:
             seg = self.segment_for(seg_name, selector, segment)
+        elif segment is not None and segment.fields[0] == seg_name:
+            seg = segment  # the segment a `foreach` is on
+        else:
+            seg = self.message.segment(seg_name)
         if seg is None:
             return [], source
-        self.used.add((seg_name, parts[0]))
-        reps = seg.repetitions(parts[0])
-        if len(parts) == 1:
+        self.used.add(used)
+        reps = seg.repetitions(field_no)
+        if component is None:
             return reps, source
-        values = [r.component(parts[1], parts[2] if len(parts) > 2 else 1) for r in reps]
-        return [Repetition(v, _PLAIN) for v in values if v], source
+        return [Repetition(v, _PLAIN) for r in reps if (v := r.component(component, sub))], source
 
     def first(self, source: str) -> str:
         reps, _ = self.read(source, None)
@@ -138,15 +160,20 @@ class _Run:
 
 
 @cache
-def _parse_source(source: str) -> tuple[str, tuple[int, str] | None, list[int]]:
-    """ "OBX[3=DRD]-5.1" -> ("OBX", (3, "DRD"), [5, 1]); the loader has checked the form."""
+def _parse_source(source: str) -> tuple[str, tuple[int, str] | None, int, int | None, int, tuple[str, int]]:
+    """ "OBX[3=DRD]-5.1" -> ("OBX", (3, "DRD"), 5, 1, 1, ("OBX", 5)): segment, selector, field, component
+    (None: the whole field), subcomponent, and the key of MapResult.used_fields; the loader has checked the form."""
     head, _, rest = source.partition("-")
     selector = None
     if "[" in head:
         head, _, sel = head.partition("[")
-        field_no, _, wanted = sel.rstrip("]").partition("=")
-        selector = (int(field_no), wanted)
-    return head, selector, [int(p) for p in rest.split(".")]
+        selector_field, _, wanted = sel.rstrip("]").partition("=")
+        selector = (int(selector_field), wanted)
+    parts = [int(p) for p in rest.split(".")]
+    field_no = parts[0]
+    component = parts[1] if len(parts) > 1 else None
+    sub = parts[2] if len(parts) > 2 else 1
+    return head, selector, field_no, component, sub, (head, field_no)
 
 
 # Delimiters that never occur in text: a component already read and unescaped is wrapped as-is.
@@ -223,15 +250,28 @@ def search_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
 
 
+@lru_cache(maxsize=256)
+def _search_system(system: str) -> str:
+    """A system in a search token, escaped and percent-encoded; a site has a handful (kept, not redone)."""
+    return quote(search_escape(system), safe=":/")
+
+
+def _search_value(value: str) -> str:
+    """A value in a search token, escaped and percent-encoded; letters and digits need neither (most ids)."""
+    if value.isascii() and value.isalnum():
+        return value
+    return quote(search_escape(value), safe="")
+
+
 def _request(
     run: _Run, rm: ResourceMap, resource: dict[str, Any], index: int, segment: Segment | None
 ) -> tuple[str, dict[str, str]]:
     for name in rm.identity:
-        system = run.context(None, rm.origin).system(name)
+        system = run.system(name, rm.origin)
         for ident in resource.get("identifier", []):
             if ident.get("system") == system and ident.get("value"):
                 full_url = f"urn:uuid:{deterministic_id(rm.resource_type, system, ident['value'])}"
-                token = f"{quote(search_escape(system), safe=':/')}|{quote(search_escape(ident['value']), safe='')}"
+                token = f"{_search_system(system)}|{_search_value(ident['value'])}"
                 url = f"{rm.resource_type}?identifier={token}"
                 return full_url, {"method": "PUT", "url": url}
     if rm.identity:
@@ -268,9 +308,10 @@ def _place(run: _Run, rm: ResourceMap, index: int, segment: Segment | None) -> s
 
 def _provenance(run: _Run, mm: MessageMap, entries: list[dict[str, Any]]) -> dict[str, Any]:
     message = run.message
+    stamp, control_id = message.message_datetime, message.message_control_id
     ctx = run.context(message.msh, "MSH-7")
-    recorded = instant(message.message_datetime, ctx) if len(message.message_datetime) >= 12 else None
-    rid = deterministic_id("Provenance", message.sending_facility, message.message_control_id)
+    recorded = instant(stamp, ctx) if len(stamp) >= 12 else None
+    rid = deterministic_id("Provenance", message.sending_facility, control_id)
     resource: dict[str, Any] = {
         "resourceType": "Provenance",
         "id": rid,
@@ -303,8 +344,8 @@ def _provenance(run: _Run, mm: MessageMap, entries: list[dict[str, Any]]) -> dic
             {
                 "role": "source",
                 "what": {
-                    "identifier": {"system": ctx.system("message"), "value": message.message_control_id},
-                    "display": f"HL7 v2 {message.event} message {message.message_control_id}",
+                    "identifier": {"system": ctx.system("message"), "value": control_id},
+                    "display": f"HL7 v2 {message.event} message {control_id}",
                 },
             }
         ],
@@ -347,21 +388,19 @@ def _apply(
     if rule.when is not None and not run.holds(rule.when, segment):
         return
     if rule.ref is not None:
-        url = run.full_urls.get(rule.ref)
-        if url:
-            set_path(target, rule.element, {"reference": url}, rule.info.is_list)
-        else:
-            run.pending.append((target, rule))
-        if run.explain:
-            run.trace.append(TraceLine(f"{where}.{rule.element}", f"ref {rule.ref}", rule.origin))
+        _apply_ref(run, rule, target, where)
         return
+    # What the rule reads; nothing read, nothing to do (most rules of a message meet an empty field).
+    values: list[Any]
     if rule.source is None:
-        values: list[Any] = [rule.value]
+        values = [rule.value]
         location = rule.origin
     elif repetition is not None:  # a datatype rule: source is "component[.sub]" of the repetition
-        comp, _, sub = rule.source.partition(".")
-        text = repetition.component(int(comp), int(sub or 1))
-        values = [text] if text else []
+        assert rule.component_at is not None  # set for every source without a segment name
+        text = repetition.component(*rule.component_at)
+        if not text:
+            return
+        values = [text]
         location = f"{parent}.{rule.source}"
     elif rule.all_segments:
         location = rule.source
@@ -370,30 +409,96 @@ def _apply(
             reps, _ = run.read(rule.source, each)
             values.extend(reps if rule.repeat else reps[:1])
     else:
-        reps, location = run.read(rule.source, segment)
-        values = list(reps if rule.repeat else reps[:1])
+        values, location = run.read(rule.source, segment)
+        if not values:
+            return
+        if not rule.repeat:
+            values = values[:1]
+    pattern = rule.info.pattern
     for value in values:
-        produced = _transform(run, rule, value, segment, location, where)
+        if rule.as_read:  # _transform's last step, without the call: most rules take the text as read
+            produced = value.component(1) if isinstance(value, Repetition) else value
+        else:
+            produced = _transform(run, rule, value, segment, location, where)
         # A function may give several values (one performer per council the message is routed to).
-        for result in produced if isinstance(produced, list) else [produced]:
+        for result in produced if isinstance(produced, list) else (produced,):
             if result is None or result == {} or result == "":
                 continue
-            if rule.info.is_primitive and not check_primitive(rule.info.type, result):
-                raise MappingError(
-                    f"{location}: not a valid FHIR {rule.info.type} for {where}.{rule.element}",
-                    location=location,
-                    hl7_error_code="102",
-                )
-            if rule.template is not None and rule.into is not None:
-                result = fill(rule.template, rule.into, result)
-            if rule.unique and _already_there(target, rule.element, result):
-                continue
-            set_path(target, rule.element, result, rule.info.is_list)
+            # A text checked here without a call; anything else (a bool, a number) by check_primitive.
+            if pattern is not None and not (
+                pattern.match(result) if type(result) is str else check_primitive(rule.info.type, result)
+            ):
+                raise _not_valid(rule, location, where)
+            if not rule.direct:
+                if not _put(target, rule, result):
+                    continue
+            elif rule.info.is_list:  # set_path's own steps for a plain element name, without the call
+                target.setdefault(rule.element, []).append(result)
+            else:
+                target[rule.element] = result
             if run.explain:
                 source = "(value)" if rule.source is None else location
                 if rule.vocabulary:
                     source = f"{source} via {rule.vocabulary}"
                 run.trace.append(TraceLine(f"{where}.{rule.element}", source, rule.origin))
+
+
+def _not_valid(rule: Rule, location: str, where: str) -> MappingError:
+    return MappingError(
+        f"{location}: not a valid FHIR {rule.info.type} for {where}.{rule.element}",
+        location=location,
+        hl7_error_code="102",
+    )
+
+
+def _put(target: dict[str, Any], rule: Rule, result: Any) -> bool:
+    """Set a value by a rule with a template, `unique` or a dotted path; False when `unique` leaves it out."""
+    if rule.template is not None and rule.into is not None:
+        result = fill(rule.template, rule.into, result)
+    if rule.unique and _already_there(target, rule.element, result):
+        return False
+    set_path(target, rule.element, result, rule.info.is_list)
+    return True
+
+
+def _apply_ref(run: _Run, rule: Rule, target: dict[str, Any], where: str) -> None:
+    """A Reference to another resource of the message; one not built yet is set once the message is mapped."""
+    url = run.full_urls.get(rule.ref or "")
+    if url:
+        set_path(target, rule.element, {"reference": url}, rule.info.is_list)
+    else:
+        run.pending.append((target, rule))
+    if run.explain:
+        run.trace.append(TraceLine(f"{where}.{rule.element}", f"ref {rule.ref}", rule.origin))
+
+
+def _datatype(
+    run: _Run, name: str, repetition: Repetition, segment: Segment | None, location: str, where: str
+) -> dict[str, Any] | None:
+    """One repetition through a datatype map (XPN -> HumanName), or None when nothing is left of it.
+
+    A rule that carries a component as it is (most of them: family, given, line, city) is applied
+    here, as _apply would, without its call: a name or an address costs a dozen rules a message.
+    """
+    built: dict[str, Any] = {}
+    for rule in run.mappings.datatypes[name].rules:
+        if not rule.plain_component:
+            _apply(run, rule, built, segment, where, repetition=repetition, parent=location)
+            continue
+        text = repetition.component(*rule.plain_component)
+        if not text:
+            continue
+        pattern = rule.info.pattern
+        if pattern is not None and not pattern.match(text):
+            raise _not_valid(rule, f"{location}.{rule.source}", where)
+        if rule.info.is_list:
+            built.setdefault(rule.element, []).append(text)
+        else:
+            built[rule.element] = text
+        if run.explain:
+            run.trace.append(TraceLine(f"{where}.{rule.element}", f"{location}.{rule.source}", rule.origin))
+    prune(built)
+    return built or None
 
 
 def _already_there(target: dict[str, Any], element: str, value: Any) -> bool:
@@ -412,14 +517,9 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
     if rule.datatype is not None:
         if not isinstance(value, Repetition):
             return None
-        built: dict[str, Any] = {}
-        dt = run.mappings.datatypes[rule.datatype]
-        for sub_rule in dt.rules:
-            _apply(run, sub_rule, built, segment, f"{where}.{rule.element}", repetition=value, parent=location)
-        prune(built)
-        return built or None
+        return _datatype(run, rule.datatype, value, segment, location, f"{where}.{rule.element}")
     if rule.function is not None:
-        value = FUNCTIONS[rule.function](value, run.context(segment, location), **rule.args)
+        value = _call(run, rule, value, segment, location)
     if rule.vocabulary is not None:
         fhir_type = rule.info.type
         if rule.into is not None:
@@ -428,6 +528,21 @@ def _transform(run: _Run, rule: Rule, value: Any, segment: Segment | None, locat
     if isinstance(value, Repetition):
         value = value.component(1)
     return value
+
+
+def _call(run: _Run, rule: Rule, value: Any, segment: Segment | None, location: str) -> Any:
+    """The rule's function on the value; a date read again in one message (PV1-45: Encounter, referral
+    and care plan) is converted once."""
+    function = rule.function or ""
+    if function in TIME_FUNCTIONS and not rule.args:
+        key = (function, text(value))
+        converted = run.times.get(key)
+        if converted is None:
+            converted = run.times[key] = FUNCTIONS[function](value, run.context(segment, location))
+        return converted
+    if rule.args:
+        return FUNCTIONS[function](value, run.context(segment, location), **rule.args)
+    return FUNCTIONS[function](value, run.context(segment, location))
 
 
 def _into_type(rule: Rule) -> str:

@@ -77,9 +77,12 @@ class ElementInfo:
     is_list: bool
     # Derived from `type` once: the engine asks for every value it sets.
     is_primitive: bool = field(init=False, compare=False)
+    # The value pattern check_primitive() applies (None: nothing to check), looked up once.
+    pattern: re.Pattern[str] | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_primitive", self.type[0].islower())
+        object.__setattr__(self, "pattern", PRIMITIVE_PATTERNS.get(self.type))
 
 
 class UnknownElement(LookupError):

@@ -44,6 +44,29 @@ class Rule:
     # Leave out a value the list already holds (the same codes when it has a coding): PV2-3 and a DG1
     # often give the same diagnosis, and the council should read it once.
     unique: bool = False
+    # A datatype map's "1.2" as numbers (component 1, subcomponent 2), read once here rather than
+    # for every repetition of every message; None for a segment map's "PID-3.1".
+    component_at: tuple[int, int] | None = field(init=False, compare=False, repr=False)
+    # No datatype, function or vocabulary: the value is carried as read (its first component).
+    as_read: bool = field(init=False, compare=False, repr=False)
+    # `element` is one name ("birthDate", not "period.start" or "location[0]"), and neither a template
+    # nor `unique` applies: the value is set as it is, without a path walk.
+    direct: bool = field(init=False, compare=False, repr=False)
+    # `component_at` for a datatype rule with no `when` that sets its component as it is (family, city).
+    plain_component: tuple[int, int] | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        at = None
+        if self.source is not None and "-" not in self.source:
+            component, _, sub = self.source.partition(".")
+            at = (int(component), int(sub or 1))
+        object.__setattr__(self, "component_at", at)
+        object.__setattr__(self, "as_read", self.datatype is None and self.function is None and self.vocabulary is None)
+        flat = "." not in self.element and "[" not in self.element
+        templated = self.template is not None and self.into is not None
+        object.__setattr__(self, "direct", flat and not templated and not self.unique)
+        plain = self.when is None and self.as_read and self.direct
+        object.__setattr__(self, "plain_component", at if plain else None)
 
 
 @dataclass(frozen=True, slots=True)
