@@ -16,7 +16,8 @@ It prints:
               delivers, with the CPU serve (and its intake workers) used per message
   fixed rate  ACK latency p50/p95/p99 at a fixed offered rate (default 500/s), counted from each
               message's scheduled send time, so a slow ACK delays the clock (no coordinated omission)
-  delivered   messages/s delivered end to end (first send to last POST at the sink)
+  delivered   messages/s delivered end to end: a batch over the most connections, sent as fast as it is
+              acknowledged while serve delivers, from its first send to the sink's last POST
   held back   max AA again with the sink stopped (SIGSTOP: the council does not answer, so delivery
               costs next to nothing): what the ACK path alone takes; then how fast that backlog
               drains once the sink answers again (--no-held leaves this out)
@@ -315,7 +316,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def split_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds so far of (the serve process, the intake workers it started)."""
+    """CPU seconds so far of (the serve process, the worker processes it started: intake and delivery)."""
     own = cpu_seconds([pid])
     return own, cpu_seconds(process_tree(pid)) - own
 
@@ -334,8 +335,6 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
     try:
         step(500, 2)  # warm-up: model imports, first commits
         wait_delivered(store, 120)
-        posts_before, _ = sink_count(sink_port)
-        first_send = time.monotonic()
 
         def delivered_rows() -> int:
             return store_counts(store).get("delivered", 0)  # the sink cannot be asked while it is stopped
@@ -351,7 +350,7 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
                 f"  max AA/s, {connections} connections, closed loop, {how}, {n} messages:"
                 f" {n / elapsed:.0f} msgs/s  (ACK {quantiles(latencies)})  [load {load_average()}]"
             )
-            where = f"serve {own:.1f} + workers {workers:.1f}" if workers else f"serve {own:.1f}"
+            where = f"serve {own:.1f} + its workers {workers:.1f}" if workers else f"serve {own:.1f}"
             print(
                 f"    CPU s used: {where} ({(own + workers) / elapsed:.2f} cores) while {n} were acknowledged"
                 f" and {posts} delivered: {(own + workers) * 1000 / n:.2f} ms CPU per message acknowledged"
@@ -367,12 +366,20 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
             f"  ACK latency at {args.rate:.0f} msgs/s offered over {args.rate_connections} connections"
             f" ({n} messages, achieved {n / elapsed:.0f}/s): {quantiles(latencies)}  [load {load_average()}]"
         )
+        # End to end: a batch sent as fast as it is acknowledged while serve delivers, timed from its first
+        # send to the sink's last POST: what the whole pipeline carries when both sides run at once.
+        wait_delivered(store, 1800)
+        posts_before, _ = sink_count(sink_port)
+        connections = max(args.connections)
+        elapsed, _ = step(args.e2e_messages, connections)
+        first_send = time.monotonic() - elapsed
         counts = wait_delivered(store, 1800)
         posts, last = sink_count(sink_port)
         delivered = posts - posts_before
         print(
-            f"  delivered end to end: {delivered} messages in {last - first_send:.1f} s"
-            f" = {delivered / (last - first_send):.0f} msgs/s (outbox {counts})  [load {load_average()}]"
+            f"  delivered end to end: {delivered} messages over {connections} connections, acknowledged in"
+            f" {elapsed:.1f} s ({delivered / elapsed:.0f}/s), the last delivered {last - first_send:.1f} s after the"
+            f" first send = {delivered / (last - first_send):.0f} msgs/s (outbox {counts})  [load {load_average()}]"
         )
         now, peak = rss_mb(serve.pid)
         print(
@@ -429,6 +436,7 @@ def main() -> None:
     parser.add_argument("--rate-connections", type=int, default=8)
     parser.add_argument("--total", type=int, default=100_000, help="messages through serve before the last RSS")
     parser.add_argument("--map-messages", type=int, default=3000)
+    parser.add_argument("--e2e-messages", type=int, default=20_000, help="the end-to-end batch")
     parser.add_argument("--validation", choices=["full", "datatypes"], default="datatypes", help="mapping.validation")
     parser.add_argument("--log-level", default="warning", help="serve's log.level (info: a line per stage)")
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for serve")
@@ -441,6 +449,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.max_messages, args.rate_seconds, args.total, args.map_messages = 2000, 5, 0, 500
+        args.e2e_messages = 4000
     if args.workers is not None:
         args.env.append(f"HOMEWARD_MLLP_WORKERS={args.workers}")
     if args.delivery_workers is not None:

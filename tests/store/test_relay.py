@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import sqlite3
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapter.errors import StoreUnavailable
-from adapter.store.base import AttemptOutcome, Delivery, InboundRecord, Outcome
+from adapter.store.base import AcceptResult, AttemptOutcome, Delivery, InboundRecord, OutboxItem, Outcome
 from adapter.store.relay import RelayedStore, WriteRelay
 from adapter.store.sqlite import SqliteStore, queue_shard
 
@@ -150,3 +151,10 @@ def test_a_delivery_workers_claims_are_of_its_shard_and_its_outcomes_are_committ
     store.close()
     delivered = rows(db, "SELECT ordering_key FROM outbox WHERE state = 'delivered' ORDER BY id")
     assert sorted(k for (k,) in delivered) == sorted(mine)
+
+
+def test_every_relayed_kind_is_pickled_with_all_its_fields() -> None:
+    """The relay pickles these as their class and __match_args__ values: a field left out of __match_args__
+    (kw_only, say) would be dropped silently on the way to serve and back."""
+    for kind in (InboundRecord, Delivery, AcceptResult, OutboxItem, AttemptOutcome):
+        assert list(kind.__match_args__) == [f.name for f in dataclasses.fields(kind)], kind.__name__
