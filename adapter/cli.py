@@ -43,11 +43,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Started by a serve process with mllp.workers, to run the intake on its socket (and import
         # nothing of the forwarder's).
         from adapter.lifeline import end_with_parent
-        from adapter.workers import serve_intake
+        from adapter.workers import run_worker
 
         end_with_parent()
         store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
-        serve_intake(settings, socket.socket(fileno=args.intake_fd), store_sock)
+        asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd), store_sock))
         return 0
     if args.deliver_shard is not None:
         # Started by a serve process with delivery.workers, to deliver its share of the queues (and
