@@ -42,6 +42,8 @@ class App:
     With mllp.workers = N > 0 the listener and intake run in N worker processes (adapter/workers.py,
     run_worker) and this process runs the forwarder; with delivery.workers = M > 0 the forwarder runs in
     M processes instead (adapter/delivery_workers.py, run_delivery_worker), each with its share of the queues.
+    On SQLite this process commits the workers' writes (adapter/store/relay.py), and with intake workers
+    it always leaves delivery to delivery workers (at least one).
     """
 
     def __init__(self, settings: Settings, *, config: str | None = None):

@@ -367,9 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener and the forwarder"))
     serve.set_defaults(func=cmd_serve)
     serve.add_argument("--intake-fd", type=int, help=argparse.SUPPRESS)  # internal: an intake worker (mllp.workers)
-    serve.add_argument(
-        "--store-fd", type=int, help=argparse.SUPPRESS
-    )  # internal: a worker's writes go to serve (SQLite)
+    # internal: a worker's writes go to serve over this socket (SQLite, adapter/store/relay.py)
+    serve.add_argument("--store-fd", type=int, help=argparse.SUPPRESS)
     # internal: a delivery worker (delivery.workers)
     serve.add_argument("--deliver-shard", type=int, help=argparse.SUPPRESS)
     mapper = with_config(sub.add_parser("map", help="map HL7 file(s) to FHIR Bundle JSON on stdout"))

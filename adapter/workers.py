@@ -2,7 +2,8 @@
 
 The serve process binds the socket (so port 0 works), starts each worker as a fresh interpreter
 (`homeward serve --intake-fd N`, the socket passed by descriptor, never a fork of a threaded process),
-runs the forwarder, the admin port and the audit loops itself, and restarts a worker that dies.
+runs delivery (on SQLite, in delivery workers of its own), the admin port and the audit loops, and
+restarts a worker that dies.
 Every guarantee is the store's, so it holds across processes. On SQLite a worker's writes are
 committed by the serve process (adapter/store/relay.py: one writer per file, `--store-fd N`); on
 PostgreSQL each worker commits through its own connections. Either way the AA follows the commit, a
