@@ -187,7 +187,10 @@ class WriteRelay:
                     if len(head) < _LENGTH.size:
                         return  # the worker ended: what it was not answered for, it never acknowledged
                     (size,) = _LENGTH.unpack(head)
-                    call_id, method, args = pickle.loads(stream.read(size))
+                    body = stream.read(size)
+                    if len(body) < size:
+                        return  # killed mid-write: that message was never acknowledged
+                    call_id, method, args = pickle.loads(body)
                     try:
                         future = self.store.submit(self._op(method, args, shard))
                     except ValueError as exc:  # answered as a failed write, never left waiting

@@ -6,6 +6,9 @@ import asyncio
 import dataclasses
 import socket
 import sqlite3
+import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,32 @@ def test_every_relayed_kind_is_pickled_with_all_its_fields() -> None:
     (kw_only, say) would be dropped silently on the way to serve and back."""
     for kind in (InboundRecord, Delivery, AcceptResult, OutboxItem, AttemptOutcome):
         assert list(kind.__match_args__) == [f.name for f in dataclasses.fields(kind)], kind.__name__
+
+
+def test_a_worker_killed_mid_write_ends_its_channel_quietly(tmp_path: Path) -> None:
+    """Half a frame, then the socket closes (the worker was SIGKILLed while writing): the relay's thread for
+    it ends without an exception, nothing is stored from it, and another worker's writes go on."""
+    db = tmp_path / "store.sqlite3"
+    store = SqliteStore(db)
+    failures: list[threading.ExceptHookArgs] = []
+    previous, threading.excepthook = threading.excepthook, failures.append
+
+    async def main() -> None:
+        relay = WriteRelay(store, lambda: None)
+        relay.start()
+        killed = relay.channel()
+        killed.sendall(struct.pack("!I", 1000) + b"\x80\x05 half a pickle")
+        killed.close()
+        worker = RelayedStore(relay.channel())
+        await worker.start()
+        assert not (await worker.accept(record("M1"), [delivery("a")], {})).duplicate
+        worker.close()
+
+    try:
+        asyncio.run(main())
+        time.sleep(0.2)
+    finally:
+        threading.excepthook = previous
+        store.close()
+    assert failures == []
+    assert rows(db, "SELECT message_control_id FROM inbound") == [("M1",)]
