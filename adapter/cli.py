@@ -39,6 +39,8 @@ def _print_json(value: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     adapter_logging.configure(settings.log.format, settings.log.level)
+    # A worker's end of its relay channel to serve (SQLite); None otherwise.
+    store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
     if args.intake_fd is not None:
         # Started by a serve process with mllp.workers, to run the intake on its socket (and import
         # nothing of the forwarder's).
@@ -46,7 +48,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapter.workers import run_worker
 
         end_with_parent()
-        store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
         asyncio.run(run_worker(settings, socket.socket(fileno=args.intake_fd), store_sock))
         return 0
     if args.deliver_shard is not None:
@@ -56,7 +57,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from adapter.lifeline import end_with_parent
 
         end_with_parent()
-        store_sock = None if args.store_fd is None else socket.socket(fileno=args.store_fd)
         serve_shard(settings, args.deliver_shard, store_sock)
         return 0
     from adapter.app import App

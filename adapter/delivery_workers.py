@@ -51,13 +51,8 @@ class DeliveryWorkers(WorkerProcesses):
         self._wake_scheduled = False
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        if self.relay is None:
-            return subprocess.Popen(self._args("--deliver-shard", str(index)))
-        with self.relay.channel((index, self.count)) as channel:  # the worker has its own copy once started
-            store_fd = channel.fileno()
-            return subprocess.Popen(
-                self._args("--deliver-shard", str(index), "--store-fd", str(store_fd)), pass_fds=(store_fd,)
-            )
+        store = self.relay.channel((index, self.count)) if self.relay else None
+        return self._popen(["--deliver-shard", str(index)], (), store)
 
     def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("delivery.worker_started", pid=proc.pid, shard=index)

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,17 @@ class WorkerProcesses:
         """The command line of a worker: `homeward serve` with `extra` and serve's own --config."""
         args = [sys.executable, "-m", "adapter", "serve", *extra]
         return [*args, "--config", self.config] if self.config else args
+
+    def _popen(
+        self, extra: list[str], pass_fds: tuple[int, ...], store: socket.socket | None
+    ) -> subprocess.Popen[bytes]:
+        """Start `homeward serve` with `extra`; with `store` (one end of a relay channel, adapter/store/relay.py)
+        the worker gets it as `--store-fd N`, and this process's copy is closed once the worker has its own."""
+        if store is None:
+            return subprocess.Popen(self._args(*extra), pass_fds=pass_fds)
+        with store:
+            fd = store.fileno()
+            return subprocess.Popen(self._args(*extra, "--store-fd", str(fd)), pass_fds=(*pass_fds, fd))
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         raise NotImplementedError

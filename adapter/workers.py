@@ -66,13 +66,7 @@ class Workers(WorkerProcesses):
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         fd = self.sock.fileno()
-        if self.relay is None:
-            return subprocess.Popen(self._args("--intake-fd", str(fd)), pass_fds=(fd,))
-        with self.relay.channel() as channel:  # the worker has its own copy once started
-            store_fd = channel.fileno()
-            return subprocess.Popen(
-                self._args("--intake-fd", str(fd), "--store-fd", str(store_fd)), pass_fds=(fd, store_fd)
-            )
+        return self._popen(["--intake-fd", str(fd)], (fd,), self.relay.channel() if self.relay else None)
 
     def _log_started(self, proc: subprocess.Popen[bytes], index: int) -> None:
         log.info("mllp.worker_started", pid=proc.pid)
