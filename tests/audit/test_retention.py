@@ -70,16 +70,16 @@ def test_purge_keeps_metadata_and_the_chain(store_path: Path, capsys: pytest.Cap
     rows = {
         r[0]: r[1:]
         for r in conn.execute(
-            "SELECT i.message_control_id, i.raw IS NULL, length(o.bundle), i.size, i.sha256, o.last_error"
-            " FROM inbound i JOIN outbox o ON o.inbound_id = i.id"
+            "SELECT i.message_control_id, i.raw IS NULL, b.outbox_id IS NULL, i.size, i.sha256, o.last_error"
+            " FROM inbound i JOIN outbox o ON o.inbound_id = i.id LEFT JOIN outbox_body b ON b.outbox_id = o.id"
         )
     }
     conn.close()
-    assert rows["OLD-D"][:2] == (1, 0)  # purged
+    assert rows["OLD-D"][:2] == (1, 1)  # purged: no message, no Bundle
     assert rows["OLD-D"][2] == len(raw("OLD-D")) and rows["OLD-D"][3] == hashlib.sha256(raw("OLD-D")).hexdigest()
-    assert rows["OLD-X"][:2] == (0, rows["OLD-X"][1])  # a dead letter waits for a person: kept
-    assert rows["OLD-P"][0] == 0  # still pending: kept
-    assert rows["NEW-D"][0] == 0  # within retention: kept
+    assert rows["OLD-X"][:2] == (0, 0)  # a dead letter waits for a person: kept
+    assert rows["OLD-P"][:2] == (0, 0)  # still pending: kept
+    assert rows["NEW-D"][:2] == (0, 0)  # within retention: kept
 
     assert main(["audit", "show", "OLD-D", "--json"]) == 0
     stages = json.loads(capsys.readouterr().out)

@@ -125,8 +125,8 @@ class TestGroupCommit:
             # An outbox row for a message that does not exist, with the foreign key check deferred to COMMIT.
             conn.execute("PRAGMA defer_foreign_keys = ON")
             conn.execute(
-                "INSERT INTO outbox (inbound_id, target, ordering_key, bundle, next_attempt_at, created_at)"
-                " VALUES (999999, 'default', 'poison', x'', 0, 0)"
+                "INSERT INTO outbox (inbound_id, target, ordering_key, next_attempt_at, created_at)"
+                " VALUES (999999, 'default', 'poison', 0, 0)"
             )
 
         held = listener.store.submit(hold)

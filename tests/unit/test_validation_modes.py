@@ -28,7 +28,12 @@ def intake_results(tmp_path: Path, validation: str) -> dict[str, tuple[bytes, li
             ack = asyncio.run(intake.frame(golden_message(case), "test"))
             inbound = store.query("SELECT max(id) FROM inbound")[0][0]
             bundles = [
-                r[0] for r in store.query("SELECT bundle FROM outbox WHERE inbound_id = ? ORDER BY id", (inbound,))
+                r[0]
+                for r in store.query(
+                    "SELECT b.bundle FROM outbox o JOIN outbox_body b ON b.outbox_id = o.id"
+                    " WHERE o.inbound_id = ? ORDER BY o.id",
+                    (inbound,),
+                )
             ]
             # MSH-7 time stamps the ACK; the code and the error segment are what must agree.
             results[case] = (b"\r".join(s for s in ack.split(b"\r") if not s.startswith(b"MSH")), bundles)
