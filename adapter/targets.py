@@ -24,6 +24,7 @@ from adapter import modes
 from adapter.auth import OAuth2ClientCredentials, read_secret
 from adapter.config import AuthSettings, Settings, TargetSettings
 from adapter.errors import ConfigError, PermanentDelivery, RetryableDelivery
+from adapter.http_transport import asyncio_transport
 from adapter.store.base import OutboxItem
 
 FHIR_JSON = "application/fhir+json"
@@ -76,14 +77,16 @@ class FhirTarget:
         self._url = httpx.URL(self.base_url or "/")
         self._message_url = httpx.URL(f"{self.base_url}/$process-message")
         verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        # Sized to the forwarder's in-flight cap: one connection per request, kept alive.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            # Sized to the forwarder's in-flight cap: one connection per request, kept alive.
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=limits,
             # Every request this client sends carries a FHIR resource or Bundle; the Content-Type is a
             # default header rather than one merged into each request.
             headers={"Accept": FHIR_JSON, "User-Agent": "homeward", **(headers or {}), "Content-Type": FHIR_JSON},
-            transport=transport,
+            # A third less CPU a POST than httpx's default transport (adapter/http_transport.py).
+            transport=transport or asyncio_transport(verify, limits),
             verify=verify,
         )
         self._token_client: httpx.AsyncClient | None = None
