@@ -70,6 +70,7 @@ class RelayedStore:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self._broken = ""
+        self._outgoing: list[bytes] = []  # frames of this turn of the event loop, sent together at its end
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=self._sock)
@@ -93,10 +94,20 @@ class RelayedStore:
         if self._broken or self._writer is None:
             raise StoreUnavailable(f"the serve process's store cannot be reached ({self._broken or 'not started'})")
         self._next_id += 1
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[self._next_id] = future
-        self._writer.write(_frame((self._next_id, method, args)))
+        # The writes of every connection that ran in this turn of the loop go in one send (a send to
+        # serve cost 14% of an intake worker's CPU, one a message).
+        if not self._outgoing:
+            loop.call_soon(self._send)
+        self._outgoing.append(_frame((self._next_id, method, args)))
         return await future
+
+    def _send(self) -> None:
+        frames, self._outgoing = self._outgoing, []
+        if self._writer is not None and not self._broken:
+            self._writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def _answers(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -149,6 +160,10 @@ class WriteRelay:
         self.on_accepted = on_accepted
         self._serving_loop: asyncio.AbstractEventLoop | None = None
         self._wake_queued = False
+        # Answers settled by the store's writer thread during a group commit, per worker socket: sent
+        # together once the group is answered (store.after_group), one send a worker.
+        self._answers: dict[socket.socket, tuple[threading.Lock, list[bytes]]] = {}
+        store.after_group.append(self._send_answers)
 
     def start(self) -> None:
         """Call from serve's event loop (where `on_accepted` runs), before the first channel()."""
@@ -222,8 +237,18 @@ class WriteRelay:
         else:  # a bug in the write: the worker answers AE 207 as it would in-process; serve goes on
             log.error("store.relay_failed", method=method, error=type(exc).__name__)
             answer = (call_id, False, (type(exc).__name__, str(exc)))
+        if threading.current_thread() is self.store.writer_thread:
+            self._answers.setdefault(sock, (send_lock, []))[1].append(_frame(answer))
+            return
         with send_lock, contextlib.suppress(OSError):  # the worker is gone: it never sent the ACK
             sock.sendall(_frame(answer))
+
+    def _send_answers(self) -> None:
+        """On the writer thread, after a group commit: each worker's answers in one send."""
+        answers, self._answers = self._answers, {}
+        for sock, (send_lock, frames) in answers.items():
+            with send_lock, contextlib.suppress(OSError):  # the worker is gone: it never sent the ACK
+                sock.sendall(b"".join(frames))
 
     def _wake(self) -> None:
         if self._wake_queued or self._serving_loop is None:

@@ -201,6 +201,9 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Called on the writer thread once every write of a group commit has its answer (the relay sends
+        # the answers it gathered then, one send a worker rather than one a write).
+        self.after_group: list[Callable[[], None]] = []
         self._turn = _WriteTurn(self.path)
         self._conn = self._connect()
         # Also for a store that claims for a delivery worker's shard (adapter/store/relay.py).
@@ -217,8 +220,8 @@ class SqliteStore:
             self._conn.commit()
         finally:
             self._turn.release()
-        self._thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
-        self._thread.start()
+        self.writer_thread = threading.Thread(target=self._writer, name="sqlite-writer", daemon=True)
+        self.writer_thread.start()
         self._closed = False
 
     def _connect(self) -> _Connection:
@@ -255,6 +258,8 @@ class SqliteStore:
             if first is _STOP:
                 return
             self._commit_group(first)
+            for hook in self.after_group:
+                hook()
 
     def _gather(
         self, first: tuple[Op, concurrent.futures.Future[Any]]
@@ -317,7 +322,7 @@ class SqliteStore:
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        self.writer_thread.join(timeout=30)
         self._conn.close()
         self._turn.close()
 

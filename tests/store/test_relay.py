@@ -80,6 +80,33 @@ def test_writes_are_committed_by_the_relaying_store_and_answered(tmp_path: Path)
     assert rows(db, "SELECT count(*) FROM outbox") == [(2,)]
 
 
+def test_writes_sent_together_are_each_answered_with_their_own_result(tmp_path: Path) -> None:
+    """Two workers each send 40 accepts in one turn of their loops (one send each, answered a group commit
+    at a time with one send per worker): every caller gets the inbound id of its own message."""
+    db = tmp_path / "store.sqlite3"
+    store = SqliteStore(db)
+
+    async def main() -> list[tuple[str, AcceptResult]]:
+        relay = WriteRelay(store, lambda: None)
+        relay.start()
+        workers = [RelayedStore(relay.channel()), RelayedStore(relay.channel())]
+        for worker in workers:
+            await worker.start()
+        ids = [f"W{w}-{n}" for w in range(2) for n in range(40)]
+        results = await asyncio.gather(
+            *(workers[int(c[1])].accept(record(c), [delivery(c)], {"ack_code": "AA"}) for c in ids)
+        )
+        for worker in workers:
+            worker.close()
+        return list(zip(ids, results, strict=True))
+
+    answered = asyncio.run(main())
+    store.close()
+    stored = dict(rows(db, "SELECT id, message_control_id FROM inbound"))
+    assert len(stored) == 80
+    assert all(stored[result.inbound_id] == control_id for control_id, result in answered)
+
+
 def test_a_commit_that_fails_in_serve_is_store_unavailable_in_the_worker(tmp_path: Path) -> None:
     """The relaying store cannot commit (here: it is closed): the worker gets StoreUnavailable, which intake
     answers AE 207, and nothing is in the file."""
