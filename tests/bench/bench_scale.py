@@ -428,7 +428,7 @@ def live(tmp: Path, sink: subprocess.Popen[bytes], sink_port: int, args: Any) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--connections", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16], help="e.g. 1,8,32"
+        "--connections", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32], help="e.g. 1,8,16"
     )
     parser.add_argument("--max-messages", type=int, default=10_000, help="closed-loop messages per connection count")
     parser.add_argument("--rate", type=float, default=500.0, help="offered messages/s for the latency phase")
