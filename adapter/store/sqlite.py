@@ -93,8 +93,13 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 -- The claim walks pending rows in id order (see CLAIM_SQL).
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, id);
-CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, state, id);
-CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state);
+-- Each patient's queue: pending rows only, and what each visit has had applied: delivered rows only.
+-- Partial, so a row enters each index once and stays small: with every state in them, accept and
+-- delivery each moved a row to a random leaf page of both (the queue key is the patient).
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (target, ordering_key, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_applied ON outbox (target, visit_key, event_time) WHERE state = 'delivered';
+DROP INDEX IF EXISTS outbox_order;
+DROP INDEX IF EXISTS outbox_visit;
 -- Each outbox row's Bundle, beside the row rather than in it: a claim and an outcome each rewrite the
 -- row, and with a 6 KB body inline every rewrite copied its overflow pages (and secure_delete zeroed
 -- the old ones): claim + outcome wrote 27 KB a message, 8 KB now. Retention deletes it (the row stays).
@@ -647,7 +652,7 @@ class SqliteStore:
             raise StoreUnavailable(f"the store did not commit within {timeout} s ({type(exc).__name__})") from exc
 
 
-# The columns of a claimed row; the last one is what the stale-event rule compares with (outbox_visit index).
+# The columns of a claimed row; the last one is what the stale-event rule compares with (outbox_applied index).
 # Every pending row has its body (retention purges only finished ones); were one missing, the row is still
 # claimed, fails at the server and ends in the dead letters, rather than never claimed with its queue
 # stuck behind it.
@@ -685,7 +690,7 @@ def queue_shard(queue_key: str, count: int) -> int:
     return zlib.crc32(queue_key.encode()) % count
 
 
-# The oldest pending row of one (target, ordering_key), with when it is due and claimed until (outbox_order index).
+# The oldest pending row of one (target, ordering_key), with when it is due and claimed until (outbox_queue index).
 NEXT_SQL = f"""
 SELECT {ITEM_COLUMNS}, o.next_attempt_at, o.claimed_until
 FROM outbox o JOIN inbound i ON i.id = o.inbound_id LEFT JOIN outbox_body b ON b.outbox_id = o.id

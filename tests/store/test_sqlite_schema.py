@@ -1,4 +1,5 @@
-"""SQLite keeps each Bundle in outbox_body, beside its outbox row; a file from before that is moved over once."""
+"""A SQLite file written by an earlier Homeward is brought up to date when opened: each Bundle moved to
+outbox_body beside its outbox row, the outbox's queue and visit indexes made partial."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def old_file(path: Path) -> None:
     """Three rows the old way: one pending, one delivered, one delivered whose body retention purged."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(OLD_SCHEMA)
+    conn.execute("DROP INDEX outbox_queue")
+    conn.execute("DROP INDEX outbox_applied")
+    conn.execute("CREATE INDEX outbox_order ON outbox (target, ordering_key, state, id)")
+    conn.execute("CREATE INDEX outbox_visit ON outbox (target, visit_key, state)")
     for n, (state, bundle) in enumerate([("pending", b'{"m":1}'), ("delivered", b'{"m":2}'), ("delivered", b"")], 1):
         conn.execute(
             "INSERT INTO inbound (id, received_at, message_control_id, size, sha256, outcome, ack_code, dedup_key)"
@@ -48,6 +53,8 @@ def test_an_old_file_has_its_bodies_moved_once(tmp_path: Path) -> None:
         try:
             columns = {row[1] for row in store.query("PRAGMA table_info(outbox)")}
             assert "bundle" not in columns and "ordering_key" in columns
+            indexes = {row[1] for row in store.query("PRAGMA index_list(outbox)")}
+            assert {"outbox_queue", "outbox_applied"} <= indexes and not {"outbox_order", "outbox_visit"} & indexes
             assert [tuple(r) for r in store.query("SELECT outbox_id, bundle FROM outbox_body ORDER BY outbox_id")] == [
                 (1, b'{"m":1}'),
                 (2, b'{"m":2}'),
