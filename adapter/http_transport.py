@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 import httpcore
@@ -164,15 +164,10 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), host, port, local_addr=(local_address, 0) if local_address else None
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
+        local_addr = (local_address, 0) if local_address else None
+        connection = await _connect(
+            timeout, loop.create_connection(lambda: _Connection(loop), host, port, local_addr=local_addr)
+        )
         sock = connection.get_extra_info("socket")
         for option in socket_options or ():
             sock.setsockopt(*option)
@@ -182,14 +177,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, connection = await loop.create_unix_connection(lambda: _Connection(loop), path)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        return connection
+        return await _connect(timeout, loop.create_unix_connection(lambda: _Connection(loop), path))
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -209,6 +197,18 @@ def asyncio_transport(verify: ssl.SSLContext | bool, limits: httpx.Limits) -> ht
         network_backend=AsyncioBackend(),
     )
     return transport
+
+
+async def _connect(timeout: float | None, connecting: Awaitable[tuple[Any, _Connection]]) -> _Connection:
+    """Await a loop.create_*connection() within `timeout`, its failures as httpcore's exceptions."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, connection = await connecting
+    except TimeoutError:
+        raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
+    return connection
 
 
 def _settle(waiter: asyncio.Future[None] | None) -> None:
