@@ -90,6 +90,8 @@ SCHEMA = [
     """CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending'""",
     """CREATE INDEX IF NOT EXISTS outbox_order ON outbox (target, ordering_key, id) WHERE state = 'pending'""",
     """CREATE INDEX IF NOT EXISTS outbox_visit ON outbox (target, visit_key, state)""",
+    # A message's rows, for retention (each purged message scanned the whole outbox without it).
+    """CREATE INDEX IF NOT EXISTS outbox_inbound ON outbox (inbound_id)""",
     # Append-only and hash-chained (adapter/audit/chain.py): id is the chain's seq, 1, 2, 3, ... across
     # every instance, because each append locks the one head row first.
     """CREATE TABLE IF NOT EXISTS audit (

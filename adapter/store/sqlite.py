@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 -- The claim walks pending rows in id order (see CLAIM_SQL).
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, id);
+-- A message's rows, for retention: without it each purged message scanned the whole outbox (7 ms at
+-- 100,000 rows, a batch of 500 held the writer for seconds).
+CREATE INDEX IF NOT EXISTS outbox_inbound ON outbox (inbound_id);
 -- Each patient's queue: pending rows only, and what each visit has had applied: delivered rows only.
 -- Partial, so a row enters each index once and stays small: with every state in them, accept and
 -- delivery each moved a row to a random leaf page of both (the queue key is the patient).
