@@ -1,9 +1,9 @@
 """The targets' HTTP transport: httpx and httpcore as they are, over asyncio's own sockets instead of anyio.
 
-Why (tests/bench, README "Measured"): httpcore reaches asyncio through anyio, which costs a cancel
-scope and a timer per read and write, a checkpoint per send and a poll() of every pooled connection
-per request: a POST of a 6 KB Bundle took 0.50-0.57 ms CPU in httpx, 0.37 ms over this backend
-(httpx issue #3215; httpcore declined a native asyncio backend, PR #930). HTTP itself stays
+Why (tests/bench/bench_http.py, README "Design notes"): httpcore reaches asyncio through anyio, which
+costs a cancel scope and a timer per read and write, a checkpoint per send and a poll() of every
+pooled connection per request: about a third of httpx's CPU a POST to a local sink (httpx issue #3215;
+httpcore declined a native asyncio backend, PR #930). HTTP itself stays
 httpx + httpcore + h11; this module only moves bytes, through httpcore's public network_backend API.
 """
 
