@@ -2,7 +2,7 @@
 
 Why (tests/bench/bench_http.py, README "Design notes"): httpcore reaches asyncio through anyio, which
 costs a cancel scope and a timer per read and write, a checkpoint per send and a poll() of every
-pooled connection per request: about a third of httpx's CPU a POST to a local sink (httpx issue #3215;
+pooled connection per request: about a quarter of httpx's CPU a POST to a local sink (httpx issue #3215;
 httpcore declined a native asyncio backend, PR #930). HTTP itself stays
 httpx + httpcore + h11; this module only moves bytes, through httpcore's public network_backend API.
 """
